@@ -1,0 +1,51 @@
+"""The communication protocol model functions call at tensor-parallel seams.
+
+Megatron's f / g pair: `enter_tp` marks the input of a column-parallel region (identity forward,
+all-reduce of the gradient backward) and `exit_tp` the output of a row-parallel region (all-reduce
+forward, identity backward). `LOCAL` is the single-process identity, so the pure core runs with no
+setup; `omnicore_dist` passes an implementation bound to explicit process groups.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Comm", "LocalComm", "LOCAL", "row_linear"]
+
+
+class Comm(Protocol):
+    tp_size: int
+    tp_rank: int
+
+    def enter_tp(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def exit_tp(self, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@attrs.frozen
+class LocalComm:
+    """No tensor parallelism: every seam is the identity."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def enter_tp(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def exit_tp(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+LOCAL = LocalComm()
+
+
+def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, comm: Comm) -> torch.Tensor:
+    """Row-parallel linear: partial products reduced across TP ranks, the bias added once, after."""
+    if comm.tp_size == 1:
+        return F.linear(x, weight, bias)
+    y = comm.exit_tp(F.linear(x, weight))
+    return y if bias is None else y + bias

@@ -1,0 +1,1 @@
+"""Pure-function model definitions: one module per tower, the thinker that joins them, 3-D positions."""

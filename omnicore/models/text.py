@@ -1,0 +1,112 @@
+"""The thinker's Qwen2 decoder (HF `Qwen2_5OmniThinkerTextModel` + `lm_head`), as pure functions.
+
+Activations are token-major (N, C): the valid tokens of every sample back to back, with `Segments`
+marking the samples (causal attention never crosses them), so padding costs nothing. Pre-norm
+blocks: RMSNorm -> q/k/v (bias) -> 3-D M-RoPE -> causal GQA attention -> o (no bias); RMSNorm ->
+SwiGLU MLP (no bias). Local head counts are read from the weights, so a TP shard runs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from omnicore.comm import LOCAL, Comm, row_linear
+from omnicore.config import TextConfig
+from omnicore.ops import Ops, Segments
+from omnicore.params import Params, Shapes, select
+
+__all__ = ["text_param_shapes", "mrope_tables", "text_embed", "text_block", "text_layers", "text_head"]
+
+
+def text_param_shapes(cfg: TextConfig) -> Shapes:
+    """Names (relative to "text.") and full shapes of the decoder; lm_head is top-level."""
+    c, kv, f = cfg.hidden, cfg.n_kv_heads * cfg.head_dim, cfg.ffn
+    shapes: Shapes = {"embed.weight": (cfg.vocab_size, c)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (c,),
+            p + "attn.q.weight": (c, c),
+            p + "attn.q.bias": (c,),
+            p + "attn.k.weight": (kv, c),
+            p + "attn.k.bias": (kv,),
+            p + "attn.v.weight": (kv, c),
+            p + "attn.v.bias": (kv,),
+            p + "attn.o.weight": (c, c),
+            p + "mlp_norm.weight": (c,),
+            p + "mlp.gate.weight": (f, c),
+            p + "mlp.up.weight": (f, c),
+            p + "mlp.down.weight": (c, f),
+        }
+    shapes["norm.weight"] = (c,)
+    return shapes
+
+
+def mrope_tables(cfg: TextConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (N, head_dim) for 3-D positions (3, N), built once per batch for every layer.
+
+    Frequency slot j (of head_dim / 2) takes its angle from axis t, h or w by `mrope_section`
+    (16 / 24 / 24 slots for the 7B model); the half is duplicated for the rotate-half pairing.
+    Angles in fp32, then cast to the activation dtype (HF does the same).
+    """
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, half, device=positions.device, dtype=torch.float32) / half)
+    axis = torch.repeat_interleave(torch.arange(3, device=positions.device), torch.tensor(cfg.mrope_section, device=positions.device))
+    pos = positions.to(torch.float32)[axis]  # (half, N): the axis each slot reads
+    angles = pos.T * inv_freq  # (N, half)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def text_embed(params: Params, input_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) token ids -> (N, C) embeddings; params relative to "text."."""
+    return F.embedding(input_ids, params["embed.weight"])
+
+
+def text_block(
+    params: Params,
+    cfg: TextConfig,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    segments: Segments,
+    *,
+    ops: Ops,
+    comm: Comm = LOCAL,
+) -> torch.Tensor:
+    """One decoder layer on (N, C); params relative to "text.layers.{i}."."""
+    n, d = x.shape[0], cfg.head_dim
+    h = comm.enter_tp(ops.rms_norm(x, params["attn_norm.weight"], cfg.rms_eps))
+    q = F.linear(h, params["attn.q.weight"], params["attn.q.bias"]).view(n, -1, d)
+    k = F.linear(h, params["attn.k.weight"], params["attn.k.bias"]).view(n, -1, d)
+    v = F.linear(h, params["attn.v.weight"], params["attn.v.bias"]).view(n, -1, d)
+    cos, sin = rope
+    q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+    a = ops.attention(q, k, v, segments, causal=True).reshape(n, -1)
+    x = x + row_linear(a, params["attn.o.weight"], comm=comm)
+    h = comm.enter_tp(ops.rms_norm(x, params["mlp_norm.weight"], cfg.rms_eps))
+    m = ops.swiglu(F.linear(h, params["mlp.gate.weight"]), F.linear(h, params["mlp.up.weight"]))
+    return x + row_linear(m, params["mlp.down.weight"], comm=comm)
+
+
+def text_layers(
+    params: Params,
+    cfg: TextConfig,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    segments: Segments,
+    layer_ids: range | list[int],
+    *,
+    ops: Ops,
+    comm: Comm = LOCAL,
+) -> torch.Tensor:
+    """Run decoder layers `layer_ids` (global indices); params relative to "text."."""
+    for i in layer_ids:
+        x = text_block(select(params, f"layers.{i}."), cfg, x, rope, segments, ops=ops, comm=comm)
+    return x
+
+
+def text_head(params: Params, cfg: TextConfig, x: torch.Tensor, lm_head: torch.Tensor, *, ops: Ops) -> torch.Tensor:
+    """Final RMSNorm and the vocabulary projection: (N, C) -> (N, V)."""
+    return F.linear(ops.rms_norm(x, params["norm.weight"], cfg.rms_eps), lm_head)
+

@@ -1,0 +1,287 @@
+"""The whole thinker (HF `Qwen2_5OmniThinkerForConditionalGeneration`): encoders, merge, decoder, loss.
+
+`prepare_inputs` turns a batch with the HF processor's key names (padded rows, or packed samples
+with `cu_seqlens`) into `ThinkerInputs`: the valid tokens back to back, text segments, 3-D
+positions, shifted targets, encoder layouts and placeholder slots. It runs once per batch on the
+host and checks every count, so the model functions below do only tensor math. Padding never
+reaches the model: padded rows are packed on the way in and logits are scattered back on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from omnicore.comm import LOCAL, Comm
+from omnicore.config import ThinkerConfig
+from omnicore.models.audio import AudioLayout, audio_encoder, audio_layout, audio_param_shapes
+from omnicore.models.positions import MediaQueue, packed_positions
+from omnicore.models.text import mrope_tables, text_embed, text_head, text_layers, text_param_shapes
+from omnicore.models.vision import VisionLayout, vision_encoder, vision_layout, vision_param_shapes
+from omnicore.ops import Ops, Segments, resolve
+from omnicore.params import Params, Shapes, init_params, prefixed, select
+
+__all__ = [
+    "param_shapes",
+    "init_thinker",
+    "ThinkerInputs",
+    "prepare_inputs",
+    "embed_inputs",
+    "thinker_hidden",
+    "thinker_logits",
+    "thinker_loss",
+    "IGNORE_INDEX",
+]
+
+IGNORE_INDEX = -100
+
+
+def param_shapes(cfg: ThinkerConfig) -> Shapes:
+    """Every native parameter name of the thinker and its full (unsharded) shape."""
+    return (
+        prefixed(text_param_shapes(cfg.text), "text.")
+        | {"lm_head.weight": (cfg.text.vocab_size, cfg.text.hidden)}
+        | prefixed(vision_param_shapes(cfg.vision), "vision.")
+        | prefixed(audio_param_shapes(cfg.audio), "audio.")
+    )
+
+
+def init_thinker(cfg: ThinkerConfig, *, seed: int, std: float = 0.02, dtype=torch.float32, device="cpu") -> Params:
+    return init_params(param_shapes(cfg), seed=seed, std=std, dtype=dtype, device=device)
+
+
+@attrs.frozen
+class Media:
+    """One encoder's input for a batch: its tensor, its layout and the token slots it fills."""
+
+    values: torch.Tensor
+    layout: VisionLayout | AudioLayout
+    slots: torch.Tensor
+
+
+@attrs.frozen
+class ThinkerInputs:
+    """A batch ready for the model (see module docstring). N = valid tokens of all samples.
+
+    input_ids (N,), positions (3, N), segments: one per sample; targets (N,) the next token of
+    each position within its sample or -100; rows (N,) where each token sits in the caller's
+    (B, T) layout (None when the batch was packed); rope_deltas (B, 1) for decoding.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    segments: Segments
+    batch_shape: tuple[int, int]
+    rows: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    images: Media | None = None
+    videos: Media | None = None
+    audios: Media | None = None
+    rope_deltas: torch.Tensor | None = None
+
+
+def prepare_inputs(cfg: ThinkerConfig, batch: Mapping[str, Any]) -> ThinkerInputs:
+    """Validate and lay out a batch dict (HF processor names, or packed with `cu_seqlens`)."""
+    if "input_ids" not in batch:
+        raise KeyError("batch has no input_ids")
+    ids = batch["input_ids"]
+    device = ids.device
+    if batch.get("cu_seqlens") is not None:
+        flat_ids = ids.reshape(-1)
+        segments = Segments.from_cu_seqlens(batch["cu_seqlens"].to(device))
+        if segments.total != flat_ids.numel():
+            raise ValueError(f"cu_seqlens covers {segments.total} tokens but input_ids has {flat_ids.numel()}")
+        batch_shape, rows, gather = (1, flat_ids.numel()), None, None
+    else:
+        ids = ids if ids.dim() == 2 else ids[None]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+        rows = mask.reshape(-1).nonzero().squeeze(1)
+        flat_ids = ids.reshape(-1)[rows]
+        segments = Segments.from_lengths(mask.sum(1).tolist(), device)
+        batch_shape, gather = tuple(ids.shape), rows
+
+    images = _vision_media(cfg, batch, flat_ids, "pixel_values", "image_grid_thw", cfg.tokens.image, "image")
+    videos = _vision_media(cfg, batch, flat_ids, "pixel_values_videos", "video_grid_thw", cfg.tokens.video, "video")
+    audios = _audio_media(cfg, batch, flat_ids)
+    _check_audio_in_video(cfg, batch, flat_ids, segments)
+
+    positions, deltas = _positions(cfg, batch, flat_ids, segments, gather, videos, audios)
+    targets = None
+    if batch.get("labels") is not None:
+        labels = batch["labels"].to(device).reshape(-1)
+        labels = labels if gather is None else labels[gather]
+        targets = torch.roll(labels, -1)
+        targets[segments.cu_seqlens[1:].long() - 1] = IGNORE_INDEX  # no target across samples
+    return ThinkerInputs(
+        input_ids=flat_ids,
+        positions=positions,
+        segments=segments,
+        batch_shape=batch_shape,
+        rows=rows,
+        targets=targets,
+        images=images,
+        videos=videos,
+        audios=audios,
+        rope_deltas=deltas,
+    )
+
+
+def _slots(flat_ids: torch.Tensor, token: int, expected: int, what: str) -> torch.Tensor:
+    slots = (flat_ids == token).nonzero().squeeze(1)
+    if slots.numel() != expected:
+        raise ValueError(
+            f"placeholder count mismatch: the batch has {slots.numel()} {what} placeholder token(s) "
+            f"but its {what} input produces {expected} feature(s)"
+        )
+    return slots
+
+
+def _vision_media(cfg, batch, flat_ids, values_key, grid_key, token, what) -> Media | None:
+    values = batch.get(values_key)
+    if values is None:
+        _slots(flat_ids, token, 0, what)
+        return None
+    if batch.get(grid_key) is None:
+        raise KeyError(f"batch has {values_key} but no {grid_key}")
+    layout = vision_layout(cfg.vision, batch[grid_key], device=flat_ids.device)
+    return Media(values=values, layout=layout, slots=_slots(flat_ids, token, sum(layout.tokens_per_item), what))
+
+
+def _audio_clips(cfg: ThinkerConfig, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[int]] | None:
+    """(n_mels, sum L) features of all clips back to back and each clip's mel frame count."""
+    feats = batch.get("input_features")
+    if feats is None:
+        return None
+    mask = batch.get("feature_attention_mask")
+    if mask is not None:  # HF layout: (B, n_mels, T) padded, mask (B, T)
+        mask = mask.to(feats.device).bool()
+        return feats.transpose(1, 2)[mask].T, mask.sum(1).tolist()
+    lengths = batch.get("audio_feature_lengths")
+    if lengths is None or feats.dim() != 2:
+        raise KeyError(
+            "audio needs input_features (B, n_mels, T) with feature_attention_mask, "
+            "or packed input_features (n_mels, sum T) with audio_feature_lengths"
+        )
+    return feats, [int(n) for n in lengths]
+
+
+def _audio_media(cfg, batch, flat_ids) -> Media | None:
+    clips = _audio_clips(cfg, batch)
+    if clips is None:
+        _slots(flat_ids, cfg.tokens.audio, 0, "audio")
+        return None
+    feats, frames = clips
+    layout = audio_layout(cfg.audio, frames, device=flat_ids.device)
+    return Media(values=feats, layout=layout, slots=_slots(flat_ids, cfg.tokens.audio, sum(layout.tokens_per_clip), "audio"))
+
+
+def _check_audio_in_video(cfg, batch, flat_ids, segments) -> None:
+    """HF's `use_audio_in_video` flag must agree with the token layout, which is what we follow."""
+    flag = batch.get("use_audio_in_video")
+    if flag is None or batch.get("video_grid_thw") is None:
+        return
+    n_videos = len(batch["video_grid_thw"])
+    first_video = (flat_ids[1:] == cfg.tokens.video) & (flat_ids[:-1] != cfg.tokens.video)
+    interleaved = int((first_video & (flat_ids[:-1] == cfg.tokens.audio_start)).sum())
+    if bool(flag) and interleaved != n_videos:
+        raise ValueError(f"use_audio_in_video=True but {n_videos - interleaved} of {n_videos} video(s) carry no interleaved audio")
+    if not bool(flag) and interleaved:
+        raise ValueError(f"use_audio_in_video=False but {interleaved} video(s) are laid out with interleaved audio")
+
+
+def _positions(cfg, batch, flat_ids, segments, gather, videos, audios):
+    """(3, N) positions: the caller's `position_ids` if given, else computed per sample."""
+    given = batch.get("position_ids")
+    if given is not None:
+        flat = given.to(flat_ids.device).reshape(3, -1)
+        return (flat if gather is None else flat[:, gather]), None
+    spg = batch.get("video_second_per_grid")
+    if videos is not None and spg is None:
+        raise KeyError("batch has pixel_values_videos but no video_second_per_grid (2 / fps per video)")
+    media = MediaQueue(
+        image_grids=_rows(batch.get("image_grid_thw")),
+        video_grids=_rows(batch.get("video_grid_thw")),
+        video_seconds_per_grid=_rows(spg),
+        audio_mel_frames=[] if audios is None else audios.layout.mel_frames,
+    )
+    return packed_positions(cfg, flat_ids, segments.cu_seqlens.tolist(), media)
+
+
+def _rows(values) -> list:
+    if values is None:
+        return []
+    return values.tolist() if torch.is_tensor(values) else list(values)
+
+
+def embed_inputs(params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL) -> torch.Tensor:
+    """Token embeddings with every placeholder replaced by its encoder feature: (N, C)."""
+    x = text_embed(select(params, "text."), inputs.input_ids)
+    if inputs.audios is not None:
+        feats = audio_encoder(select(params, "audio."), cfg.audio, inputs.audios.values, inputs.audios.layout, ops=ops, comm=comm)
+        x = x.index_put((inputs.audios.slots,), feats.to(x.dtype))
+    for media in (inputs.images, inputs.videos):
+        if media is not None:
+            feats = vision_encoder(select(params, "vision."), cfg.vision, media.values, media.layout, ops=ops, comm=comm)
+            x = x.index_put((media.slots,), feats.to(x.dtype))
+    return x
+
+
+def thinker_hidden(params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL) -> torch.Tensor:
+    """Decoder output before the final norm: (N, C)."""
+    x = embed_inputs(params, cfg, inputs, ops=ops, comm=comm)
+    rope = mrope_tables(cfg.text, inputs.positions, x.dtype)
+    return text_layers(select(params, "text."), cfg.text, x, rope, inputs.segments, range(cfg.text.n_layers), ops=ops, comm=comm)
+
+
+def _as_inputs(cfg: ThinkerConfig, batch) -> ThinkerInputs:
+    return batch if isinstance(batch, ThinkerInputs) else prepare_inputs(cfg, batch)
+
+
+def thinker_logits(
+    params: Params, cfg: ThinkerConfig, batch, *, ops: Ops | None = None, comm: Comm = LOCAL
+) -> torch.Tensor:
+    """Logits (B, T, V) in the caller's layout (zeros at padding); (1, N, V) for packed batches."""
+    inputs = _as_inputs(cfg, batch)
+    ops = ops or resolve("auto", inputs.input_ids.device)
+    h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm)
+    logits = text_head(select(params, "text."), cfg.text, h, params["lm_head.weight"], ops=ops)
+    if inputs.rows is None:
+        return logits[None]
+    b, t = inputs.batch_shape
+    out = logits.new_zeros(b * t, logits.shape[-1]).index_put((inputs.rows,), logits)
+    return out.view(b, t, -1)
+
+
+def thinker_loss(
+    params: Params,
+    cfg: ThinkerConfig,
+    batch,
+    *,
+    ops: Ops | None = None,
+    comm: Comm = LOCAL,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Next-token cross-entropy over the targets (labels shifted within each sample, -100 ignored).
+
+    Logits are computed only where a target exists, in fp32. `reduction` "mean" (HF's) or "sum"
+    (for losses normalised over a global batch); a batch with no target gives 0, still attached
+    to the graph, rather than HF's NaN.
+    """
+    inputs = _as_inputs(cfg, batch)
+    if inputs.targets is None:
+        raise KeyError("thinker_loss needs labels in the batch")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    ops = ops or resolve("auto", inputs.input_ids.device)
+    h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm)
+    keep = (inputs.targets != IGNORE_INDEX).nonzero().squeeze(1)
+    logits = text_head(select(params, "text."), cfg.text, h[keep], params["lm_head.weight"], ops=ops)
+    loss = F.cross_entropy(logits.float(), inputs.targets[keep], reduction="sum")
+    if reduction == "sum" or keep.numel() == 0:
+        return loss
+    return loss / keep.numel()

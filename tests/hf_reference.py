@@ -1,0 +1,154 @@
+"""Test helpers: tiny HF thinkers built from omnicore configs, and hand-built multimodal batches.
+
+Batches are assembled from "pieces" (text runs and media blocks) exactly as the HF processor lays
+them out (qwen2_5_omni.md section 5.2), written here independently of omnicore's position code:
+audio-in-video chunks are formed by value range (floor(t / 50)), the processor's rule for fps >= 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import torch
+
+from omnicore.checkpoint.hf import params_to_hf
+from omnicore.config import AudioConfig, TextConfig, ThinkerConfig, TokenIds, VisionConfig, TINY
+from omnicore.models.positions import audio_token_count
+from omnicore.models.thinker import init_thinker
+
+# A second tiny shape: plain multi-head attention, even depth, other mrope split, shorter audio chunks.
+TINY_MHA = ThinkerConfig(
+    text=TextConfig(
+        vocab_size=400, hidden=48, n_layers=2, n_heads=3, n_kv_heads=3, ffn=80,
+        rope_theta=10000.0, rms_eps=1e-5, mrope_section=(4, 2, 2),
+    ),
+    vision=VisionConfig(
+        depth=3, hidden=24, n_heads=2, ffn=40, in_channels=3, patch_size=14, temporal_patch_size=2,
+        spatial_merge_size=2, window_size=84, fullatt_blocks=(2,), out_hidden=48,
+    ),
+    audio=AudioConfig(
+        n_mels=128, d_model=24, n_layers=3, n_heads=3, ffn=40, max_source_positions=200,
+        n_window=50, output_dim=48,
+    ),
+    tokens=TokenIds(audio=390, audio_start=391, audio_end=392, vision_start=393, vision_end=394, image=395, video=396),
+    position_id_per_seconds=25,
+    seconds_per_chunk=2,
+)  # fmt: skip
+
+CONFIGS = {"tiny_gqa": TINY, "tiny_mha": TINY_MHA}
+PARITY_STD = 0.25  # large enough that logits are O(1) on the tiny shapes
+
+
+def hf_thinker_config(cfg: ThinkerConfig):
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    return Qwen2_5OmniThinkerConfig(**cfg.to_hf())
+
+
+def hf_thinker(cfg: ThinkerConfig, folder: Path, *, seed: int = 0, std: float = PARITY_STD, attn: str = "sdpa"):
+    """A random HF thinker saved with `save_pretrained` to `folder`, and the model itself (fp32, eval)."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(hf_thinker_config(cfg), attn_implementation=attn)
+    weights = params_to_hf(init_thinker(cfg, seed=seed, std=std), prefix="")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and not [m for m in missing if "inv_freq" not in m and "positional_embedding" not in m]
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@attrs.define
+class Piece:
+    kind: str  # text | image | video | audio | video_audio
+    n: int = 0  # text tokens, or mel frames for audio / video_audio
+    grid: tuple[int, int, int] = (1, 2, 2)
+    fps: float = 2.0
+
+
+def _video_values(cfg: ThinkerConfig, grid, fps) -> list[int]:
+    m2 = cfg.vision.spatial_merge_size**2
+    spg = cfg.vision.temporal_patch_size / fps
+    per_grid = grid[1] * grid[2] // m2
+    return [int(k * spg * cfg.position_id_per_seconds) for k in range(grid[0]) for _ in range(per_grid)]
+
+
+def piece_tokens(cfg: ThinkerConfig, p: Piece, gen: torch.Generator) -> list[int]:
+    tok = cfg.tokens
+    m2 = cfg.vision.spatial_merge_size**2
+    if p.kind == "text":
+        return torch.randint(0, min(tok.audio, tok.image) - 10, (p.n,), generator=gen).tolist()
+    if p.kind == "image":
+        return [tok.vision_start] + [tok.image] * (p.grid[0] * p.grid[1] * p.grid[2] // m2) + [tok.vision_end]
+    if p.kind == "video":
+        return [tok.vision_start] + [tok.video] * (p.grid[0] * p.grid[1] * p.grid[2] // m2) + [tok.vision_end]
+    if p.kind == "audio":
+        return [tok.audio_start] + [tok.audio] * audio_token_count(p.n) + [tok.audio_end]
+    if p.kind == "video_audio":
+        chunk = cfg.position_id_per_seconds * cfg.seconds_per_chunk
+        video = [v // chunk for v in _video_values(cfg, p.grid, p.fps)]
+        audio = [v // chunk for v in range(audio_token_count(p.n))]
+        body = []
+        for j in range(max(video + audio) + 1):
+            body += [tok.video] * video.count(j) + [tok.audio] * audio.count(j)
+        return [tok.vision_start, tok.audio_start] + body + [tok.audio_end, tok.vision_end]
+    raise ValueError(p.kind)
+
+
+def build_batch(cfg: ThinkerConfig, rows: list[list[Piece]], *, seed: int = 0, padding: str = "left") -> dict:
+    """A padded batch dict with HF processor keys, random media and labels (-100 on media and padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    tok = cfg.tokens
+    seqs, images, videos, spg, audios = [], [], [], [], []
+    for row in rows:
+        ids = []
+        for p in row:
+            ids += piece_tokens(cfg, p, gen)
+            if p.kind == "image":
+                images.append(p.grid)
+            if p.kind in ("video", "video_audio"):
+                videos.append(p.grid)
+                spg.append(cfg.vision.temporal_patch_size / p.fps)
+            if p.kind in ("audio", "video_audio"):
+                audios.append(p.n)
+        seqs.append(ids)
+    width = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        lo = width - len(s) if padding == "left" else 0
+        input_ids[i, lo : lo + len(s)] = torch.tensor(s)
+        mask[i, lo : lo + len(s)] = 1
+    labels = input_ids.clone()
+    media = torch.tensor([tok.image, tok.video, tok.audio])
+    labels[torch.isin(input_ids, media) | (mask == 0)] = -100
+    # HF shifts labels over the padded row, so with left padding the last pad position "predicts"
+    # a row's first token; real SFT data never labels that token (it is <|im_start|>), so neither do we.
+    labels[torch.arange(len(seqs)), mask.argmax(1)] = -100
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    patch_dim = cfg.vision.patch_dim
+    if images:
+        batch["image_grid_thw"] = torch.tensor(images)
+        batch["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in images), patch_dim, generator=gen)
+    if videos:
+        batch["video_grid_thw"] = torch.tensor(videos)
+        batch["pixel_values_videos"] = torch.randn(sum(t * h * w for t, h, w in videos), patch_dim, generator=gen)
+        batch["video_second_per_grid"] = torch.tensor(spg)
+    if audios:
+        frames = max(audios)
+        feats = torch.zeros(len(audios), cfg.audio.n_mels, frames + 7)  # extra padding, as HF pads to 30000
+        fmask = torch.zeros(len(audios), frames + 7, dtype=torch.long)
+        for i, n in enumerate(audios):
+            feats[i, :, :n] = torch.randn(cfg.audio.n_mels, n, generator=gen)
+            fmask[i, :n] = 1
+        batch["input_features"] = feats
+        batch["feature_attention_mask"] = fmask
+    if any(p.kind == "video_audio" for row in rows for p in row):
+        batch["use_audio_in_video"] = True
+    return batch
+
+
+def hf_kwargs(batch: dict) -> dict:
+    """The batch as keyword arguments for the HF thinker's forward."""
+    return {k: v for k, v in batch.items() if k != "labels"} | {"labels": batch.get("labels")}
