@@ -12,7 +12,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from omnicore.checkpoint.hf import params_to_hf
+from omnicore.checkpoint.hf import native_to_hf, params_to_hf
 from omnicore.config import AudioConfig, TextConfig, ThinkerConfig, TokenIds, VisionConfig, TINY
 from omnicore.models.positions import audio_token_count
 from omnicore.models.thinker import init_thinker
@@ -152,3 +152,73 @@ def build_batch(cfg: ThinkerConfig, rows: list[list[Piece]], *, seed: int = 0, p
 def hf_kwargs(batch: dict) -> dict:
     """The batch as keyword arguments for the HF thinker's forward."""
     return {k: v for k, v in batch.items() if k != "labels"} | {"labels": batch.get("labels")}
+
+
+def full_omni_folder(cfg: ThinkerConfig, folder: Path, *, seed: int = 0, std: float = PARITY_STD, thinker_dtype=torch.float32):
+    """A complete tiny `Qwen2_5OmniForConditionalGeneration` (thinker + talker + token2wav) saved by
+    transformers in several shards, with a `spk_dict.pt` and tokenizer-like side files."""
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+    t = cfg.tokens
+    talker = dict(
+        vocab_size=64, hidden_size=32, embedding_size=cfg.text.hidden, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        rope_scaling={"mrope_section": [2, 3, 3], "type": "default", "rope_type": "default"},
+        audio_token_index=t.audio, image_token_index=t.image, video_token_index=t.video,
+        vision_start_token_id=t.vision_start, vision_end_token_id=t.vision_end,
+        audio_start_token_id=t.audio_start, audio_end_token_id=t.audio_end,
+        tts_text_start_token_id=10, tts_text_end_token_id=11, tts_text_pad_token_id=12,
+        tts_codec_start_token_id=60, tts_codec_end_token_id=61, tts_codec_pad_token_id=62, tts_codec_mask_token_id=63,
+    )  # fmt: skip
+    dit = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ff_mult=2, emb_dim=16, head_dim=16, block_size=4,
+        look_ahead_layers=[1], look_backward_layers=[0], num_embeds=64, mel_dim=16, enc_emb_dim=16, enc_dim=16,
+        enc_channels=[16, 16, 16, 16, 48], enc_kernel_sizes=[5, 3, 3, 3, 1], enc_dilations=[1, 2, 3, 4, 1],
+        enc_attention_channels=8, enc_res2net_scale=2, enc_se_channels=8,
+    )  # fmt: skip
+    bigvgan = dict(mel_dim=16, upsample_initial_channel=32, resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[2, 2], upsample_kernel_sizes=[4, 4])
+    config = Qwen2_5OmniConfig(thinker_config=cfg.to_hf(), talker_config=talker, token2wav_config={"dit_config": dit, "bigvgan_config": bigvgan})
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniForConditionalGeneration(config)
+    model.thinker.load_state_dict(params_to_hf(init_thinker(cfg, seed=seed, std=std), prefix=""), strict=False)
+    model.thinker.to(thinker_dtype)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="400KB")
+    torch.save({"Chelsie": {"bos_token": 61, "cond": torch.randn(16), "ref_mel": torch.randn(4, 16)}}, folder / "spk_dict.pt")
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 32768}')
+    (folder / "chat_template.json").write_text('{"chat_template": "{{ messages }}"}')
+    return model
+
+
+def synthetic_hf_folder(cfg: ThinkerConfig, folder: Path, *, seed: int = 0, dtype=torch.bfloat16, shard_bytes: int = 256 * 2**20) -> int:
+    """A full-model-layout HF folder (`thinker.` keys, sharded, with an index) of random weights,
+    written tensor by tensor so even multi-GB folders need little memory. Returns the tensor bytes."""
+    import json
+
+    from omnicore.checkpoint.safetensors_io import SafetensorsWriter
+    from omnicore.models.thinker import param_shapes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni", "thinker_config": cfg.to_hf()}))
+    shapes = {"thinker." + native_to_hf(k): v for k, v in param_shapes(cfg).items()}
+    item = torch.empty((), dtype=dtype).element_size()
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = int(torch.Size(shape).numel()) * item
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with SafetensorsWriter(folder / file, {n: (dtype, shapes[n]) for n in names}, {"format": "pt"}) as w:
+            for n in names:
+                w.write(n, (torch.rand(shapes[n], generator=gen) - 0.5).to(dtype))
+        weight_map |= dict.fromkeys(names, file)
+        total += sum(int(torch.Size(shapes[n]).numel()) * item for n in names)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsFormatError
 from omnicore.config import ThinkerConfig, load_config
 from omnicore.models.thinker import param_shapes
 from omnicore.params import Params, check_shapes
@@ -32,6 +32,7 @@ __all__ = [
     "load_hf",
     "CheckpointError",
     "THINKER_PREFIX",
+    "map_thinker_keys",
 ]
 
 THINKER_PREFIX = "thinker."
@@ -117,7 +118,7 @@ class CheckpointError(ValueError):
 
 def params_from_hf(state: Mapping[str, torch.Tensor], cfg: ThinkerConfig, *, source: str = "state dict") -> Params:
     """Rename an HF thinker state dict (with or without the `thinker.` prefix) and validate it."""
-    names = _native_names(state.keys(), lambda k: tuple(state[k].shape), cfg, source)
+    names = map_thinker_keys(state.keys(), lambda k: tuple(state[k].shape), cfg, source)
     return {native: state[hf_name] for hf_name, native in names.items()}
 
 
@@ -134,8 +135,9 @@ def _thinker_names(keys) -> dict[str, str]:
     return {k: k for k in keys if not _DERIVED_BUFFERS.search(k)}
 
 
-def _native_names(keys, shape_of: Callable[[str], tuple[int, ...]], cfg: ThinkerConfig, source: str) -> dict[str, str]:
-    """HF thinker key -> native name, after checking names and shapes against `param_shapes(cfg)`."""
+def map_thinker_keys(keys, shape_of: Callable[[str], tuple[int, ...]], cfg: ThinkerConfig, source: str) -> dict[str, str]:
+    """HF thinker key -> native name for the thinker tensors among `keys` (talker etc. ignored),
+    after checking names and shapes (`shape_of(key)`) against `param_shapes(cfg)`."""
     names, unknown = {}, []
     for hf_name, short in _thinker_names(keys).items():
         native = hf_to_native(short)
@@ -153,58 +155,64 @@ def _native_names(keys, shape_of: Callable[[str], tuple[int, ...]], cfg: Thinker
 
 
 class SafetensorsFolder:
-    """Lazy view of an HF folder's safetensors: single file or sharded with an index.
+    """Lazy view of an HF folder's safetensors: a single file or shards with an index.
 
-    Tensors are read one at a time on `get`, so memory stays near the largest tensor.
+    Headers are validated when a shard is first touched (a missing or truncated shard is an error
+    naming it); tensors are read one at a time, so memory stays near the largest tensor.
     """
+
+    INDEX = "model.safetensors.index.json"
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
+        index = self.folder / self.INDEX
         single = self.folder / "model.safetensors"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+                self.index = json.loads(index.read_text())
+                weight_map = self.index["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
             self.files = {k: self.folder / f for k, f in weight_map.items()}
         elif single.exists():
-            self.files = {k: single for k in self._open(single).keys()}
+            self.index = None
+            self.files = dict.fromkeys(self.open_file(single).keys(), single)
         else:
             pickles = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt"))
             hint = f" (found {', '.join(pickles)}: pickle files are never loaded; re-save as safetensors)" if pickles else ""
-            raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
-        self._handles: dict[Path, object] = {}
+            raise CheckpointError(f"{self.folder}: no model.safetensors or {self.INDEX}{hint}")
+        self._open: dict[Path, SafetensorsFile] = {}
 
-    def _open(self, file: Path):
-        if not file.exists():
-            raise CheckpointError(f"{file}: shard listed in the index is missing")
+    def open_file(self, path: Path) -> SafetensorsFile:
+        """A shard's validated header (CheckpointError naming a missing or broken shard)."""
+        if not path.exists():
+            raise CheckpointError(f"{path}: shard listed in the index is missing")
         try:
-            return safe_open(str(file), framework="pt")
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
+            return SafetensorsFile(path)
+        except SafetensorsFormatError as err:
+            raise CheckpointError(str(err)) from None
+
+    def file(self, name: str) -> SafetensorsFile:
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = self.open_file(path)
+        if name not in self._open[path].tensors:
+            raise CheckpointError(f"{path}: the index lists {name} in this file but it is not there")
+        return self._open[path]
 
     def keys(self) -> list[str]:
         return list(self.files)
 
-    def _handle(self, name: str):
-        file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = self._open(file)
-        return self._handles[file]
+    def shards(self) -> list[Path]:
+        """Shard files in index order, each once."""
+        return list(dict.fromkeys(self.files.values()))
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle(name).get_tensor(name)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({err})") from None
+        return self.file(name).read(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape from the file header, without reading the data."""
-        try:
-            return tuple(self._handle(name).get_slice(name).get_shape())
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({err})") from None
+        return self.file(name).tensors[name].shape
 
 
 def load_hf(
@@ -217,7 +225,7 @@ def load_hf(
     """
     cfg = load_config(folder)
     store = SafetensorsFolder(folder)
-    names = _native_names(store.keys(), store.shape, cfg, str(folder))
+    names = map_thinker_keys(store.keys(), store.shape, cfg, str(folder))
     params = {}
     for hf_name, native in names.items():
         t = store.get(hf_name)

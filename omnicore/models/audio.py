@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 from omnicore.comm import LOCAL, Comm, row_linear
 from omnicore.config import AudioConfig
+from omnicore.layout import Split, TPPlan
 from omnicore.models.positions import audio_token_count
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
 
-__all__ = ["audio_param_shapes", "AudioLayout", "audio_layout", "audio_encoder", "audio_block", "MIN_MEL_FRAMES"]
+__all__ = ["audio_param_shapes", "audio_tp_plan", "AudioLayout", "audio_layout", "audio_encoder", "audio_block", "MIN_MEL_FRAMES"]
 
 MIN_MEL_FRAMES = 3  # fewer frames give zero tokens (HF crashes on them)
 
@@ -63,6 +64,24 @@ def audio_param_shapes(cfg: AudioConfig) -> Shapes:
         "proj.bias": (cfg.output_dim,),
     }
     return shapes
+
+
+def audio_tp_plan(cfg: AudioConfig) -> TPPlan:
+    """q / k / v and fc1 column parallel, o and fc2 row parallel (biases replicated). The convs
+    and the output projection stay replicated: they are small, and a split projection would need
+    an all-gather before the merge, where the replicated one needs nothing."""
+    layer = r"audio\.layers\.\d+\."
+    return (
+        (layer + r"attn\.[qkv]\.(weight|bias)", Split(0, cfg.n_heads, "heads")),
+        (layer + r"attn\.o\.weight", Split(1, cfg.n_heads, "heads")),
+        (layer + r"mlp\.fc1\.(weight|bias)", Split(0, unit_name="ffn rows")),
+        (layer + r"mlp\.fc2\.weight", Split(1, unit_name="ffn columns")),
+        (
+            layer + r"((attn|mlp)_norm\.(weight|bias)|attn\.o\.bias|mlp\.fc2\.bias)"
+            r"|audio\.(conv1|conv2|norm|proj)\.(weight|bias)|audio\.bos_eos\.weight",
+            None,
+        ),
+    )
 
 
 @attrs.frozen

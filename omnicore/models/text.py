@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 from omnicore.comm import LOCAL, Comm, row_linear
 from omnicore.config import TextConfig
+from omnicore.layout import Split, TPPlan
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
 
-__all__ = ["text_param_shapes", "mrope_tables", "text_embed", "text_block", "text_layers", "text_head"]
+__all__ = ["text_param_shapes", "text_tp_plan", "mrope_tables", "text_embed", "text_block", "text_layers", "text_head"]
 
 
 def text_param_shapes(cfg: TextConfig) -> Shapes:
@@ -41,6 +42,23 @@ def text_param_shapes(cfg: TextConfig) -> Shapes:
         }
     shapes["norm.weight"] = (c,)
     return shapes
+
+
+def text_tp_plan(cfg: TextConfig) -> TPPlan:
+    """Megatron-style TP over full native names: q / k / v and gate / up column parallel, o and down
+    row parallel (their inputs arrive split), embedding and lm_head vocab parallel, norms replicated.
+    k / v split by kv heads and, when the TP size exceeds them, each rank keeps the kv head its
+    query heads read."""
+    layer = r"text\.layers\.\d+\."
+    return (
+        (r"text\.embed\.weight|lm_head\.weight", Split(0, unit_name="vocabulary rows")),
+        (layer + r"attn\.q\.(weight|bias)", Split(0, cfg.n_heads, "query heads")),
+        (layer + r"attn\.[kv]\.(weight|bias)", Split(0, cfg.n_kv_heads, "kv heads", replicate_short=True)),
+        (layer + r"attn\.o\.weight", Split(1, cfg.n_heads, "query heads")),
+        (layer + r"mlp\.(gate|up)\.weight", Split(0, unit_name="ffn rows")),
+        (layer + r"mlp\.down\.weight", Split(1, unit_name="ffn columns")),
+        (layer + r"(attn|mlp)_norm\.weight|text\.norm\.weight", None),
+    )
 
 
 def mrope_tables(cfg: TextConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

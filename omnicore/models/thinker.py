@@ -18,15 +18,18 @@ import torch.nn.functional as F
 
 from omnicore.comm import LOCAL, Comm
 from omnicore.config import ThinkerConfig
-from omnicore.models.audio import AudioLayout, audio_encoder, audio_layout, audio_param_shapes
+from omnicore.models.audio import AudioLayout, audio_encoder, audio_layout, audio_param_shapes, audio_tp_plan
 from omnicore.models.positions import MediaQueue, packed_positions
-from omnicore.models.text import mrope_tables, text_embed, text_head, text_layers, text_param_shapes
-from omnicore.models.vision import VisionLayout, vision_encoder, vision_layout, vision_param_shapes
+from omnicore.models.text import mrope_tables, text_embed, text_head, text_layers, text_param_shapes, text_tp_plan
+from omnicore.models.vision import VisionLayout, vision_encoder, vision_layout, vision_param_shapes, vision_tp_plan
+from omnicore.layout import TPPlan
 from omnicore.ops import Ops, Segments, resolve
 from omnicore.params import Params, Shapes, init_params, prefixed, select
 
 __all__ = [
     "param_shapes",
+    "tp_plans",
+    "tower_depths",
     "init_thinker",
     "ThinkerInputs",
     "prepare_inputs",
@@ -48,6 +51,15 @@ def param_shapes(cfg: ThinkerConfig) -> Shapes:
         | prefixed(vision_param_shapes(cfg.vision), "vision.")
         | prefixed(audio_param_shapes(cfg.audio), "audio.")
     )
+
+
+def tp_plans(cfg: ThinkerConfig) -> dict[str, TPPlan]:
+    """The tensor-parallel plan of each tower, over full native names."""
+    return {"text": text_tp_plan(cfg.text), "vision": vision_tp_plan(cfg.vision), "audio": audio_tp_plan(cfg.audio)}
+
+
+def tower_depths(cfg: ThinkerConfig) -> dict[str, int]:
+    return {"text": cfg.text.n_layers, "vision": cfg.vision.depth, "audio": cfg.audio.n_layers}
 
 
 def init_thinker(cfg: ThinkerConfig, *, seed: int, std: float = 0.02, dtype=torch.float32, device="cpu") -> Params:

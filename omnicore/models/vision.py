@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from omnicore.comm import LOCAL, Comm, row_linear
 from omnicore.config import VisionConfig
+from omnicore.layout import Split, TPPlan
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
 
-__all__ = ["vision_param_shapes", "VisionLayout", "vision_layout", "vision_encoder", "vision_block", "window_order"]
+__all__ = ["vision_param_shapes", "vision_tp_plan", "VisionLayout", "vision_layout", "vision_encoder", "vision_block", "window_order"]
 
 
 def vision_param_shapes(cfg: VisionConfig) -> Shapes:
@@ -45,6 +46,25 @@ def vision_param_shapes(cfg: VisionConfig) -> Shapes:
         "merger.fc2.bias": (cfg.out_hidden,),
     }
     return shapes
+
+
+def vision_tp_plan(cfg: VisionConfig) -> TPPlan:
+    """q / k / v and gate / up column parallel, o and down row parallel (biases replicated, added
+    after the reduction); merger fc1 column, fc2 row; patch embed and norms replicated."""
+    block = r"vision\.blocks\.\d+\."
+    return (
+        (block + r"attn\.[qkv]\.(weight|bias)", Split(0, cfg.n_heads, "heads")),
+        (block + r"attn\.o\.weight", Split(1, cfg.n_heads, "heads")),
+        (block + r"mlp\.(gate|up)\.(weight|bias)", Split(0, unit_name="ffn rows")),
+        (block + r"mlp\.down\.weight", Split(1, unit_name="ffn columns")),
+        (r"vision\.merger\.fc1\.(weight|bias)", Split(0, unit_name="merger rows")),
+        (r"vision\.merger\.fc2\.weight", Split(1, unit_name="merger columns")),
+        (
+            block + r"((attn|mlp)_norm\.weight|attn\.o\.bias|mlp\.down\.bias)"
+            r"|vision\.patch_embed\.weight|vision\.merger\.(norm\.weight|fc2\.bias)",
+            None,
+        ),
+    )
 
 
 @attrs.frozen

@@ -1,0 +1,322 @@
+"""The native checkpoint format: one safetensors file per tower, TP rank and pipeline stage.
+
+    <root>/latest_checkpointed_iteration.txt      "release" or the iteration (written last)
+    <root>/release/ | iter_0000100/
+        meta.json                                   format, HF config, layout, files with sha256
+        text-tp00-pp00.safetensors ...              native names, global layer indices
+        vision-tp00-pp00.safetensors ...            an encoder with a smaller TP is stored once per
+        audio-tp00-pp00.safetensors ...             encoder rank, never copied into every LLM rank
+        hf/                                         tokenizer / processor / config files of the source
+
+`file_plan` says which tensors (and which shard of each) every file holds; writer and reader both
+follow it, so a file holding anything else is detected. Loading under another layout goes through
+the same shard / unshard functions (`NativeCheckpoint.read` gives full tensors).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
+from pathlib import Path
+
+import attrs
+import torch
+
+from omnicore.checkpoint.commit import META, TRACKER, StepWriter, read_tracker, step_dirname
+from omnicore.checkpoint.hf import CheckpointError
+from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, sha256_file
+from omnicore.config import ThinkerConfig
+from omnicore.layout import (
+    TOWERS,
+    Layout,
+    Split,
+    check_plan,
+    piece_ranks,
+    rule_for,
+    shard_shape,
+    shard_tensor,
+    stage_of,
+    tower_of,
+    unshard_tensors,
+)
+from omnicore.models.thinker import param_shapes, tower_depths, tp_plans
+from omnicore.params import Params
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "FileSpec",
+    "file_plan",
+    "TensorSource",
+    "DictSource",
+    "write_native",
+    "NativeCheckpoint",
+    "load_native",
+    "resolve_step",
+]
+
+FORMAT = "omnicore-native"
+FORMAT_VERSION = 1
+_ROW_BLOCK_BYTES = 64 * 2**20  # row-parallel tensors are re-interleaved in blocks of this size
+
+
+@attrs.frozen
+class FileSpec:
+    """One native file: which tower / TP rank / stage, and its tensors with their full shapes."""
+
+    name: str
+    tower: str
+    rank: int
+    tp: int
+    stage: int
+    tensors: tuple[str, ...]
+
+
+def file_plan(cfg: ThinkerConfig, layout: Layout) -> list[FileSpec]:
+    """Every file of a checkpoint under `layout`, validated (LayoutError names the broken rule)."""
+    shapes = param_shapes(cfg)
+    tp = layout.tp_sizes()
+    stages = layout.stages(tower_depths(cfg))
+    plans = tp_plans(cfg)
+    for tower in TOWERS:
+        check_plan({k: v for k, v in shapes.items() if tower_of(k) == tower}, plans[tower], tp[tower])
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name in shapes:
+        groups.setdefault((tower_of(name), stage_of(name, stages)), []).append(name)
+    return [
+        FileSpec(name=f"{tower}-tp{rank:02d}-pp{stage:02d}.safetensors", tower=tower, rank=rank, tp=tp[tower], stage=stage, tensors=tuple(names))
+        for (tower, stage), names in sorted(groups.items(), key=lambda kv: (TOWERS.index(kv[0][0]), kv[0][1]))
+        for rank in range(tp[tower])
+    ]
+
+
+def _rules(cfg: ThinkerConfig) -> Callable[[str], Split | None]:
+    plans = tp_plans(cfg)
+    return lambda name: rule_for(name, plans[tower_of(name)])
+
+
+class TensorSource(Protocol):
+    """Full (unsharded) tensors by native name; `dtype` must not read the data."""
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+
+@attrs.frozen
+class DictSource:
+    """Tensors already in memory (a trainer's parameters, a test's dict)."""
+
+    params: Mapping[str, torch.Tensor]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.params[name].dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.params[name]
+
+
+def write_native(
+    root: str | Path,
+    cfg: ThinkerConfig,
+    hf_config: Mapping,
+    layout: Layout,
+    source: TensorSource,
+    *,
+    iteration: int | None = None,
+    dtype: torch.dtype | None = None,
+    copy_files: Mapping[str, Path] | None = None,
+    meta: Mapping | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write `source` under `layout` as a checkpoint step, with the commit protocol.
+
+    Files are written group by group ((tower, stage), all TP ranks at once): each tensor is read
+    once and its pieces go to every rank's file before the next is read, so memory stays near one
+    tensor. `dtype` None keeps each tensor's stored dtype. `copy_files` (name -> path) are copied
+    byte for byte into `hf/`. `progress(bytes, tensors)` is called after each tensor.
+    """
+    specs = file_plan(cfg, layout)  # validates the layout before anything is created
+    shapes = param_shapes(cfg)
+    rule = _rules(cfg)
+    with StepWriter(root, iteration=iteration, overwrite=overwrite) as step:
+        for group in _groups(specs):
+            names = group[0].tensors
+            dtypes = {n: dtype or source.dtype(n) for n in names}
+            writers = [
+                SafetensorsWriter(
+                    step.path / spec.name,
+                    {n: (dtypes[n], shard_shape(shapes[n], rule(n), spec.tp, n)) for n in names},
+                    {"format": FORMAT},
+                )
+                for spec in group
+            ]
+            try:
+                for n in names:
+                    full = source.read(n).to(dtypes[n])
+                    for spec, writer in zip(group, writers):
+                        writer.write(n, shard_tensor(full, rule(n), spec.rank, spec.tp, n))
+                    if progress:
+                        progress(full.numel() * full.element_size(), 1)
+                    del full
+                for spec, writer in zip(group, writers):
+                    writer.close()
+                    step.add(spec.name, writer.sha256, writer.nbytes)
+            except BaseException:
+                for writer in writers:
+                    writer.abort()
+                raise
+        for name, path in (copy_files or {}).items():
+            step.copy_in(path, f"hf/{name}")
+        return step.commit(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "hf_config": dict(hf_config),
+                "layout": layout.to_json(tower_depths(cfg)),
+                **(meta or {}),
+            }
+        )
+
+
+def _groups(specs: list[FileSpec]) -> list[list[FileSpec]]:
+    groups: dict[tuple[str, int], list[FileSpec]] = {}
+    for spec in specs:
+        groups.setdefault((spec.tower, spec.stage), []).append(spec)
+    return list(groups.values())
+
+
+def resolve_step(root: str | Path, iteration: int | None = None) -> Path:
+    """The step folder to load: `root` itself if it is one, else the tracker's (or `iteration`'s)."""
+    root = Path(root)
+    if (root / META).exists() or root.name == "release" or root.name.startswith("iter_"):
+        return root
+    if iteration is not None:
+        return root / step_dirname(iteration)
+    tracked = read_tracker(root)
+    if tracked is None:
+        raise CheckpointError(f"{root}: no {TRACKER} and no {META}: not a native checkpoint")
+    if tracked == "release":
+        return root / "release"
+    try:
+        return root / step_dirname(int(tracked))
+    except ValueError:
+        raise CheckpointError(f"{root / TRACKER}: expected 'release' or an iteration number, found {tracked!r}") from None
+
+
+class NativeCheckpoint:
+    """A committed step folder, verified on open: meta.json, every file's size and sha256, every
+    file's tensor set and shapes against `file_plan`. Reads full tensors (unsharding) lazily."""
+
+    def __init__(self, root: str | Path, *, iteration: int | None = None, verify: bool = True):
+        self.path = resolve_step(root, iteration)
+        meta_file = self.path / META
+        if not meta_file.exists():
+            raise CheckpointError(f"{self.path}: no {META}; an interrupted save is not a checkpoint")
+        try:
+            self.meta = json.loads(meta_file.read_text())
+            if self.meta.get("format") != FORMAT:
+                raise CheckpointError(f"{meta_file}: format {self.meta.get('format')!r} is not {FORMAT!r}")
+            if self.meta.get("format_version") != FORMAT_VERSION:
+                raise CheckpointError(f"{meta_file}: format version {self.meta.get('format_version')} is not supported ({FORMAT_VERSION})")
+            self.cfg = ThinkerConfig.from_hf(self.meta["hf_config"])
+            self.layout = Layout.from_json(self.meta["layout"])
+            recorded = self.meta["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{meta_file}: incomplete or malformed ({err!r})") from None
+        self.specs = {s.name: s for s in file_plan(self.cfg, self.layout)}
+        self._rule = _rules(self.cfg)
+        missing = sorted(set(self.specs) - set(recorded))
+        if missing:
+            raise CheckpointError(f"{meta_file}: the layout needs {', '.join(missing)} but meta.json does not list them")
+        for name, info in recorded.items():
+            _verify_file(self.path / name, info, verify)
+        self.files = {name: self._open(spec) for name, spec in self.specs.items()}
+        self._where = {n: [s for s in self.specs.values() if n in s.tensors] for n in param_shapes(self.cfg)}
+
+    def _open(self, spec: FileSpec) -> SafetensorsFile:
+        path = self.path / spec.name
+        try:
+            f = SafetensorsFile(path)
+        except SafetensorsFormatError as err:
+            raise CheckpointError(str(err)) from None
+        if set(f.keys()) != set(spec.tensors):
+            extra, lost = sorted(set(f.keys()) - set(spec.tensors)), sorted(set(spec.tensors) - set(f.keys()))
+            raise CheckpointError(f"{path}: tensors differ from the layout (unexpected {extra}, missing {lost})")
+        shapes = param_shapes(self.cfg)
+        for n in spec.tensors:
+            want = shard_shape(shapes[n], self._rule(n), spec.tp, n)
+            if f.tensors[n].shape != want:
+                raise CheckpointError(f"{path}: {n} has shape {f.tensors[n].shape}, the layout needs {want}")
+        return f
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.files[self._where[name][0].name].tensors[name].dtype
+
+    def nbytes(self) -> int:
+        """Bytes of all full (unsharded) tensors."""
+        shapes = param_shapes(self.cfg)
+        return sum(torch.Size(shapes[n]).numel() * torch.empty((), dtype=self.dtype(n)).element_size() for n in self.names())
+
+    def _pieces(self, name: str) -> list[SafetensorsFile]:
+        """The files holding `name`, in TP-rank order."""
+        return [self.files[s.name] for s in sorted(self._where[name], key=lambda s: s.rank)]
+
+    def read(self, name: str) -> torch.Tensor:
+        """The full tensor (TP pieces joined; pieces split along dim 0 are read straight into place)."""
+        files = self._pieces(name)
+        split = self._rule(name)
+        if split is None:
+            return files[0].read(name)
+        if split.dim == 0:
+            ranks = piece_ranks(split, len(files))
+            rows = files[0].tensors[name].shape[0]
+            full = torch.empty((rows * len(ranks), *files[0].tensors[name].shape[1:]), dtype=self.dtype(name))
+            for i, rank in enumerate(ranks):
+                files[rank].read_into(name, full[i * rows : (i + 1) * rows])
+            return full
+        return unshard_tensors([f.read(name) for f in files], split, name)
+
+    def chunks(self, name: str, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+        """The full tensor as row-major chunks, never all of it at once when split along dim 0."""
+        files = self._pieces(name)
+        split = self._rule(name)
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        if split is None:
+            yield cast(files[0].read(name))
+        elif split.dim == 0:  # the full tensor's bytes are the pieces' bytes back to back
+            for rank in piece_ranks(split, len(files)):
+                yield cast(files[rank].read(name))
+        else:
+            full = self.read(name)
+            rows = max(1, _ROW_BLOCK_BYTES // max(1, full[0].numel() * full.element_size()))
+            for start in range(0, full.shape[0], rows):
+                yield cast(full[start : start + rows])
+
+    def params(self, dtype: torch.dtype | None = None) -> Params:
+        return {n: self.read(n).to(dtype or self.dtype(n)) for n in self.names()}
+
+    def hf_files(self) -> dict[str, Path]:
+        """Tokenizer / processor / config files copied from the HF source, by name."""
+        folder = self.path / "hf"
+        return {p.name: p for p in sorted(folder.iterdir())} if folder.is_dir() else {}
+
+
+def _verify_file(path: Path, info: Mapping, verify: bool) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: listed in meta.json but missing")
+    if path.stat().st_size != info["bytes"]:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, meta.json records {info['bytes']} (truncated or replaced)")
+    if verify and sha256_file(path) != info["sha256"]:
+        raise CheckpointError(f"{path}: sha256 does not match meta.json (the file is corrupt)")
+
+
+def load_native(root: str | Path, *, iteration: int | None = None, dtype: torch.dtype | None = None) -> tuple[ThinkerConfig, Params]:
+    """(config, full params) of a native checkpoint of any layout, in one process."""
+    ckpt = NativeCheckpoint(root, iteration=iteration)
+    return ckpt.cfg, ckpt.params(dtype)
