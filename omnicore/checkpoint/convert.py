@@ -48,8 +48,9 @@ class HFSource:
         key = self.keys[name]
         return self.store.file(key).tensors[key].dtype
 
-    def read(self, name: str) -> torch.Tensor:
-        return self.store.get(self.keys[name])
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        key = self.keys[name]
+        return self.store.get(key) if out is None else self.store.file(key).read_into(key, out)
 
     def nbytes(self) -> int:
         return sum(self.store.file(k).tensors[k].nbytes for k in self.keys.values())
@@ -188,7 +189,7 @@ def _write_shard(path: Path, store: SafetensorsFolder, shard: Path, thinker: dic
     entries = {
         n: ((target or source.tensors[n].dtype) if n in thinker else source.tensors[n].dtype, source.tensors[n].shape) for n in names
     }
-    writer = SafetensorsWriter(path, entries, source.metadata)
+    writer = SafetensorsWriter(path, entries, source.metadata, hash=False)  # HF folders carry no checksums
     data = 0
     try:
         for n in names:

@@ -16,7 +16,9 @@ the same shard / unshard functions (`NativeCheckpoint.read` gives full tensors).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import torch
 
 from omnicore.checkpoint.commit import META, TRACKER, StepWriter, read_tracker, step_dirname
 from omnicore.checkpoint.hf import CheckpointError
-from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, sha256_file
+from omnicore.checkpoint.safetensors_io import CHUNK_BYTES, SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, sha256_file
 from omnicore.config import ThinkerConfig
 from omnicore.layout import (
     TOWERS,
@@ -58,7 +60,6 @@ __all__ = [
 
 FORMAT = "omnicore-native"
 FORMAT_VERSION = 1
-_ROW_BLOCK_BYTES = 64 * 2**20  # row-parallel tensors are re-interleaved in blocks of this size
 
 
 @attrs.frozen
@@ -97,11 +98,12 @@ def _rules(cfg: ThinkerConfig) -> Callable[[str], Split | None]:
 
 
 class TensorSource(Protocol):
-    """Full (unsharded) tensors by native name; `dtype` must not read the data."""
+    """Full (unsharded) tensors by native name; `dtype` must not read the data. `read` may fill
+    `out` (contiguous, the tensor's dtype and shape) instead of allocating."""
 
     def dtype(self, name: str) -> torch.dtype: ...
 
-    def read(self, name: str) -> torch.Tensor: ...
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @attrs.frozen
@@ -113,7 +115,7 @@ class DictSource:
     def dtype(self, name: str) -> torch.dtype:
         return self.params[name].dtype
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.params[name]
 
 
@@ -142,6 +144,10 @@ def write_native(
     shapes = param_shapes(cfg)
     rule = _rules(cfg)
     with StepWriter(root, iteration=iteration, overwrite=overwrite) as step:
+        # One reusable read buffer for the largest tensor: no allocation, page faults or
+        # allocator growth per tensor.
+        nbytes = {n: torch.Size(shapes[n]).numel() * _itemsize(source.dtype(n)) for n in shapes}
+        scratch = torch.empty(max(nbytes.values()), dtype=torch.uint8)
         for group in _groups(specs):
             names = group[0].tensors
             dtypes = {n: dtype or source.dtype(n) for n in names}
@@ -155,7 +161,8 @@ def write_native(
             ]
             try:
                 for n in names:
-                    full = source.read(n).to(dtypes[n])
+                    buf = scratch[: nbytes[n]].view(source.dtype(n)).view(shapes[n])
+                    full = source.read(n, out=buf).to(dtypes[n])
                     for spec, writer in zip(group, writers):
                         writer.write(n, shard_tensor(full, rule(n), spec.rank, spec.tp, n))
                     if progress:
@@ -231,8 +238,8 @@ class NativeCheckpoint:
         missing = sorted(set(self.specs) - set(recorded))
         if missing:
             raise CheckpointError(f"{meta_file}: the layout needs {', '.join(missing)} but meta.json does not list them")
-        for name, info in recorded.items():
-            _verify_file(self.path / name, info, verify)
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # sha256 releases the GIL
+            list(pool.map(lambda item: _verify_file(self.path / item[0], item[1], verify), recorded.items()))
         self.files = {name: self._open(spec) for name, spec in self.specs.items()}
         self._where = {n: [s for s in self.specs.values() if n in s.tensors] for n in param_shapes(self.cfg)}
 
@@ -261,42 +268,49 @@ class NativeCheckpoint:
     def nbytes(self) -> int:
         """Bytes of all full (unsharded) tensors."""
         shapes = param_shapes(self.cfg)
-        return sum(torch.Size(shapes[n]).numel() * torch.empty((), dtype=self.dtype(n)).element_size() for n in self.names())
+        return sum(torch.Size(shapes[n]).numel() * _itemsize(self.dtype(n)) for n in self.names())
 
     def _pieces(self, name: str) -> list[SafetensorsFile]:
         """The files holding `name`, in TP-rank order."""
         return [self.files[s.name] for s in sorted(self._where[name], key=lambda s: s.rank)]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The full tensor (TP pieces joined; pieces split along dim 0 are read straight into place)."""
         files = self._pieces(name)
         split = self._rule(name)
         if split is None:
-            return files[0].read(name)
+            return files[0].read(name) if out is None else files[0].read_into(name, out)
         if split.dim == 0:
             ranks = piece_ranks(split, len(files))
             rows = files[0].tensors[name].shape[0]
-            full = torch.empty((rows * len(ranks), *files[0].tensors[name].shape[1:]), dtype=self.dtype(name))
+            shape = (rows * len(ranks), *files[0].tensors[name].shape[1:])
+            full = torch.empty(shape, dtype=self.dtype(name)) if out is None else out
             for i, rank in enumerate(ranks):
                 files[rank].read_into(name, full[i * rows : (i + 1) * rows])
             return full
         return unshard_tensors([f.read(name) for f in files], split, name)
 
     def chunks(self, name: str, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
-        """The full tensor as row-major chunks, never all of it at once when split along dim 0."""
+        """The full tensor as row blocks of about CHUNK_BYTES, in row-major order, read straight
+        from the piece files: memory stays at one block whatever the tensor's size."""
         files = self._pieces(name)
         split = self._rule(name)
-        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-        if split is None:
-            yield cast(files[0].read(name))
-        elif split.dim == 0:  # the full tensor's bytes are the pieces' bytes back to back
-            for rank in piece_ranks(split, len(files)):
-                yield cast(files[rank].read(name))
+        info = files[0].tensors[name]
+        if len(info.shape) == 0:
+            yield files[0].read(name).to(dtype or info.dtype)
+            return
+        row = max(1, torch.Size(info.shape[1:]).numel() * _itemsize(info.dtype))
+        ranks = piece_ranks(split, len(files))
+        if split is not None and split.dim == 1:
+            sources, join = [([files[r] for r in ranks], info.shape[0])], True  # blocks join the pieces' columns
         else:
-            full = self.read(name)
-            rows = max(1, _ROW_BLOCK_BYTES // max(1, full[0].numel() * full.element_size()))
-            for start in range(0, full.shape[0], rows):
-                yield cast(full[start : start + rows])
+            sources, join = [([files[r]], info.shape[0]) for r in ranks], False
+        block = max(1, CHUNK_BYTES // (row * (len(ranks) if join else 1)))
+        for group, rows in sources:
+            for start in range(0, rows, block):
+                parts = [f.read_rows(name, start, min(rows, start + block)) for f in group]
+                out = torch.cat(parts, dim=1) if join else parts[0]
+                yield out if dtype is None else out.to(dtype)
 
     def params(self, dtype: torch.dtype | None = None) -> Params:
         return {n: self.read(n).to(dtype or self.dtype(n)) for n in self.names()}
@@ -305,6 +319,10 @@ class NativeCheckpoint:
         """Tokenizer / processor / config files copied from the HF source, by name."""
         folder = self.path / "hf"
         return {p.name: p for p in sorted(folder.iterdir())} if folder.is_dir() else {}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _verify_file(path: Path, info: Mapping, verify: bool) -> None:
