@@ -32,6 +32,7 @@ from omnicore.config import ThinkerConfig
 from omnicore.layout import (
     TOWERS,
     Layout,
+    LayoutError,
     Split,
     check_plan,
     piece_ranks,
@@ -80,8 +81,11 @@ def file_plan(cfg: ThinkerConfig, layout: Layout) -> list[FileSpec]:
     tp = layout.tp_sizes()
     stages = layout.stages(tower_depths(cfg))
     plans = tp_plans(cfg)
-    for tower in TOWERS:
-        check_plan({k: v for k, v in shapes.items() if tower_of(k) == tower}, plans[tower], tp[tower])
+    for tower, setting in zip(TOWERS, ("tp", "vit_tp", "audio_tp")):
+        try:
+            check_plan({k: v for k, v in shapes.items() if tower_of(k) == tower}, plans[tower], tp[tower])
+        except LayoutError as err:
+            raise LayoutError(f"{setting} = {tp[tower]}: {err}") from None
     groups: dict[tuple[str, int], list[str]] = {}
     for name in shapes:
         groups.setdefault((tower_of(name), stage_of(name, stages)), []).append(name)

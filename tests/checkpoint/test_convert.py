@@ -186,8 +186,8 @@ def _looks_like_checkpoint(root):
         (["--llm-pp-layers", "1,1"], "llm_pp_layers \\[1, 1\\] sums to 2, but the text tower has 3 layers"),
         (["--llm-pp-layers", "1,2", "--vit-pp-layers", "4,0,0"], "vit_pp_layers \\[4, 0, 0\\] has 3 entries"),
         (["--llm-pp-layers", "1,2", "--vit-pp-layers", "2,2"], "vision encoder ends on stage 1 but the LLM starts on stage 0"),
-        (["--tp", "3"], "cannot be split evenly over tensor-parallel size 3"),
-        (["--tp", "2", "--vit-tp", "4"], "vision.blocks.0.attn.q.weight: 2 heads cannot be split over tensor-parallel size 4"),
+        (["--tp", "3"], "tp = 3: .* cannot be split evenly over tensor-parallel size 3"),
+        (["--tp", "2", "--vit-tp", "4"], "vit_tp = 4: vision.blocks.0.attn.q.weight: 2 heads cannot be split over tensor-parallel size 4"),
     ],
 )
 def test_bad_layouts_fail_before_writing(omni, tmp_path, capsys, args, message):
@@ -255,3 +255,19 @@ def test_bad_hf_folders_are_named(omni, tmp_path, capsys):
     assert convert(args) == 2
     assert "text.layers.0.mlp.down.weight: expected (64, 96), found (64, 128)" in capsys.readouterr().err
     assert not _looks_like_checkpoint(tmp_path / "n")
+
+
+def test_progress_reports_every_byte_and_tensor(omni, tmp_path):
+    from omnicore.checkpoint.convert import HFSource, hf_to_native
+    from omnicore.layout import Layout
+
+    hf, _ = omni
+    seen = [0, 0]
+
+    def progress(nbytes, tensors):
+        seen[0] += nbytes
+        seen[1] += tensors
+
+    hf_to_native(hf, tmp_path / "n", Layout(tp=2), progress=progress)
+    source = HFSource(hf)
+    assert seen == [source.nbytes(), len(source.keys)]
