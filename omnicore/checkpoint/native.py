@@ -54,6 +54,8 @@ __all__ = [
     "TensorSource",
     "DictSource",
     "write_native",
+    "write_model_files",
+    "native_meta",
     "NativeCheckpoint",
     "load_native",
     "resolve_step",
@@ -137,59 +139,79 @@ def write_native(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write `source` under `layout` as a checkpoint step, with the commit protocol.
+    """Write `source` under `layout` as a checkpoint step with the commit protocol.
+
+    `dtype` None keeps each tensor's stored dtype; `copy_files` (name -> path) are copied byte for
+    byte into `hf/`; `progress(bytes, tensors)` is called after each tensor.
+    """
+    file_plan(cfg, layout)  # validate the layout before anything is created
+    with StepWriter(root, iteration=iteration, overwrite=overwrite) as step:
+        write_model_files(step, cfg, layout, source, dtype=dtype, progress=progress)
+        for name, path in (copy_files or {}).items():
+            step.copy_in(path, f"hf/{name}")
+        return step.commit(native_meta(cfg, hf_config, layout, meta))
+
+
+def native_meta(cfg: ThinkerConfig, hf_config: Mapping, layout: Layout, extra: Mapping | None = None) -> dict:
+    """meta.json content before the commit adds the iteration and the file list."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hf_config": dict(hf_config),
+        "layout": layout.to_json(tower_depths(cfg)),
+        **(extra or {}),
+    }
+
+
+def write_model_files(
+    step: StepWriter,
+    cfg: ThinkerConfig,
+    layout: Layout,
+    source: TensorSource,
+    *,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """The model's safetensors files of `layout` into an open step.
 
     Files are written group by group ((tower, stage), all TP ranks at once): each tensor is read
     once and its pieces go to every rank's file before the next is read, so memory stays near one
-    tensor. `dtype` None keeps each tensor's stored dtype. `copy_files` (name -> path) are copied
-    byte for byte into `hf/`. `progress(bytes, tensors)` is called after each tensor.
+    tensor.
     """
-    specs = file_plan(cfg, layout)  # validates the layout before anything is created
+    specs = file_plan(cfg, layout)
     shapes = param_shapes(cfg)
     rule = _rules(cfg)
-    with StepWriter(root, iteration=iteration, overwrite=overwrite) as step:
-        # One reusable read buffer for the largest tensor: no allocation, page faults or
-        # allocator growth per tensor.
-        nbytes = {n: torch.Size(shapes[n]).numel() * _itemsize(source.dtype(n)) for n in shapes}
-        scratch = torch.empty(max(nbytes.values()), dtype=torch.uint8)
-        for group in _groups(specs):
-            names = group[0].tensors
-            dtypes = {n: dtype or source.dtype(n) for n in names}
-            writers = [
-                SafetensorsWriter(
-                    step.path / spec.name,
-                    {n: (dtypes[n], shard_shape(shapes[n], rule(n), spec.tp, n)) for n in names},
-                    {"format": FORMAT},
-                )
-                for spec in group
-            ]
-            try:
-                for n in names:
-                    buf = scratch[: nbytes[n]].view(source.dtype(n)).view(shapes[n])
-                    full = source.read(n, out=buf).to(dtypes[n])
-                    for spec, writer in zip(group, writers):
-                        writer.write(n, shard_tensor(full, rule(n), spec.rank, spec.tp, n))
-                    if progress:
-                        progress(full.numel() * full.element_size(), 1)
-                    del full
+    # One reusable read buffer for the largest tensor: no allocation, page faults or allocator
+    # growth per tensor.
+    nbytes = {n: torch.Size(shapes[n]).numel() * _itemsize(source.dtype(n)) for n in shapes}
+    scratch = torch.empty(max(nbytes.values()), dtype=torch.uint8)
+    for group in _groups(specs):
+        names = group[0].tensors
+        dtypes = {n: dtype or source.dtype(n) for n in names}
+        writers = [
+            SafetensorsWriter(
+                step.path / spec.name,
+                {n: (dtypes[n], shard_shape(shapes[n], rule(n), spec.tp, n)) for n in names},
+                {"format": FORMAT},
+            )
+            for spec in group
+        ]
+        try:
+            for n in names:
+                buf = scratch[: nbytes[n]].view(source.dtype(n)).view(shapes[n])
+                full = source.read(n, out=buf).to(dtypes[n])
                 for spec, writer in zip(group, writers):
-                    writer.close()
-                    step.add(spec.name, writer.sha256, writer.nbytes)
-            except BaseException:
-                for writer in writers:
-                    writer.abort()
-                raise
-        for name, path in (copy_files or {}).items():
-            step.copy_in(path, f"hf/{name}")
-        return step.commit(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "hf_config": dict(hf_config),
-                "layout": layout.to_json(tower_depths(cfg)),
-                **(meta or {}),
-            }
-        )
+                    writer.write(n, shard_tensor(full, rule(n), spec.rank, spec.tp, n))
+                if progress:
+                    progress(full.numel() * full.element_size(), 1)
+                del full
+            for spec, writer in zip(group, writers):
+                writer.close()
+                step.add(spec.name, writer.sha256, writer.nbytes)
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
 
 
 def _groups(specs: list[FileSpec]) -> list[list[FileSpec]]:

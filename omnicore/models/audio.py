@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from omnicore.comm import LOCAL, Comm, row_linear
 from omnicore.config import AudioConfig
 from omnicore.layout import Split, TPPlan
+from omnicore.models.recompute import run_layer
 from omnicore.models.positions import audio_token_count
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
@@ -175,10 +176,11 @@ def audio_encoder(
     *,
     ops: Ops,
     comm: Comm = LOCAL,
+    recompute: frozenset[int] = frozenset(),
 ) -> torch.Tensor:
     """(n_mels, sum L) log-mel frames of all clips back to back -> (sum tokens, output_dim).
 
-    params relative to "audio.".
+    params relative to "audio."; layers in `recompute` are recomputed during backward.
     """
     if features.dim() != 2 or features.shape[0] != cfg.n_mels or features.shape[1] != sum(layout.chunk_frames):
         raise ValueError(
@@ -195,7 +197,7 @@ def audio_encoder(
     x = x.transpose(1, 2) + layout.positions.to(x.dtype)  # positions restart in every chunk
     x = x[layout.kept]  # (sum A, C), real frames only
     for i in range(cfg.n_layers):
-        x = audio_block(select(params, f"layers.{i}."), cfg, x, layout.chunks, ops=ops, comm=comm)
+        x = run_layer(audio_block, i in recompute, select(params, f"layers.{i}."), cfg, x, layout.chunks, ops=ops, comm=comm)
     x = (x[layout.pool_first] + x[layout.pool_first + 1]) * 0.5  # AvgPool1d(2, 2) within each clip
     x = F.layer_norm(x, (x.shape[1],), params["norm.weight"], params["norm.bias"], cfg.ln_eps)
     return F.linear(x, params["proj.weight"], params["proj.bias"])

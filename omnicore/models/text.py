@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omnicore.comm import LOCAL, Comm, row_linear
 from omnicore.config import TextConfig
 from omnicore.layout import Split, TPPlan
+from omnicore.models.recompute import run_layer
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
 
@@ -117,10 +118,12 @@ def text_layers(
     *,
     ops: Ops,
     comm: Comm = LOCAL,
+    recompute: frozenset[int] = frozenset(),
 ) -> torch.Tensor:
-    """Run decoder layers `layer_ids` (global indices); params relative to "text."."""
+    """Run decoder layers `layer_ids` (global indices), recomputing those in `recompute` during
+    backward; params relative to "text."."""
     for i in layer_ids:
-        x = text_block(select(params, f"layers.{i}."), cfg, x, rope, segments, ops=ops, comm=comm)
+        x = run_layer(text_block, i in recompute, select(params, f"layers.{i}."), cfg, x, rope, segments, ops=ops, comm=comm)
     return x
 
 

@@ -20,6 +20,7 @@ from omnicore.comm import LOCAL, Comm
 from omnicore.config import ThinkerConfig
 from omnicore.models.audio import AudioLayout, audio_encoder, audio_layout, audio_param_shapes, audio_tp_plan
 from omnicore.models.positions import MediaQueue, packed_positions
+from omnicore.models.recompute import NO_RECOMPUTE, Recompute
 from omnicore.models.text import mrope_tables, text_embed, text_head, text_layers, text_param_shapes, text_tp_plan
 from omnicore.models.vision import VisionLayout, vision_encoder, vision_layout, vision_param_shapes, vision_tp_plan
 from omnicore.layout import TPPlan
@@ -37,6 +38,7 @@ __all__ = [
     "thinker_hidden",
     "thinker_logits",
     "thinker_loss",
+    "thinker_token_losses",
     "IGNORE_INDEX",
 ]
 
@@ -230,24 +232,33 @@ def _rows(values) -> list:
     return values.tolist() if torch.is_tensor(values) else list(values)
 
 
-def embed_inputs(params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL) -> torch.Tensor:
+def embed_inputs(
+    params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL, recompute: Recompute = NO_RECOMPUTE
+) -> torch.Tensor:
     """Token embeddings with every placeholder replaced by its encoder feature: (N, C)."""
     x = text_embed(select(params, "text."), inputs.input_ids)
     if inputs.audios is not None:
-        feats = audio_encoder(select(params, "audio."), cfg.audio, inputs.audios.values, inputs.audios.layout, ops=ops, comm=comm)
+        feats = audio_encoder(
+            select(params, "audio."), cfg.audio, inputs.audios.values, inputs.audios.layout, ops=ops, comm=comm, recompute=recompute.audio
+        )
         x = x.index_put((inputs.audios.slots,), feats.to(x.dtype))
     for media in (inputs.images, inputs.videos):
         if media is not None:
-            feats = vision_encoder(select(params, "vision."), cfg.vision, media.values, media.layout, ops=ops, comm=comm)
+            feats = vision_encoder(
+                select(params, "vision."), cfg.vision, media.values, media.layout, ops=ops, comm=comm, recompute=recompute.vision
+            )
             x = x.index_put((media.slots,), feats.to(x.dtype))
     return x
 
 
-def thinker_hidden(params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL) -> torch.Tensor:
+def thinker_hidden(
+    params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL, recompute: Recompute = NO_RECOMPUTE
+) -> torch.Tensor:
     """Decoder output before the final norm: (N, C)."""
-    x = embed_inputs(params, cfg, inputs, ops=ops, comm=comm)
+    x = embed_inputs(params, cfg, inputs, ops=ops, comm=comm, recompute=recompute)
     rope = mrope_tables(cfg.text, inputs.positions, x.dtype)
-    return text_layers(select(params, "text."), cfg.text, x, rope, inputs.segments, range(cfg.text.n_layers), ops=ops, comm=comm)
+    layers = range(cfg.text.n_layers)
+    return text_layers(select(params, "text."), cfg.text, x, rope, inputs.segments, layers, ops=ops, comm=comm, recompute=recompute.text)
 
 
 def _as_inputs(cfg: ThinkerConfig, batch) -> ThinkerInputs:
@@ -269,6 +280,28 @@ def thinker_logits(
     return out.view(b, t, -1)
 
 
+def thinker_token_losses(
+    params: Params,
+    cfg: ThinkerConfig,
+    batch,
+    *,
+    ops: Ops | None = None,
+    comm: Comm = LOCAL,
+    recompute: Recompute = NO_RECOMPUTE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy (K,) in fp32 at every target (labels shifted within each sample,
+    -100 ignored), and the sample each target belongs to (K,). Logits exist only at the targets."""
+    inputs = _as_inputs(cfg, batch)
+    if inputs.targets is None:
+        raise KeyError("the batch has no labels")
+    ops = ops or resolve("auto", inputs.input_ids.device)
+    h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm, recompute=recompute)
+    keep = (inputs.targets != IGNORE_INDEX).nonzero().squeeze(1)
+    logits = text_head(select(params, "text."), cfg.text, h[keep], params["lm_head.weight"], ops=ops)
+    losses = F.cross_entropy(logits.float(), inputs.targets[keep], reduction="none")
+    return losses, inputs.segments.segment_ids()[keep]
+
+
 def thinker_loss(
     params: Params,
     cfg: ThinkerConfig,
@@ -278,22 +311,11 @@ def thinker_loss(
     comm: Comm = LOCAL,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Next-token cross-entropy over the targets (labels shifted within each sample, -100 ignored).
-
-    Logits are computed only where a target exists, in fp32. `reduction` "mean" (HF's) or "sum"
-    (for losses normalised over a global batch); a batch with no target gives 0, still attached
-    to the graph, rather than HF's NaN.
-    """
-    inputs = _as_inputs(cfg, batch)
-    if inputs.targets is None:
-        raise KeyError("thinker_loss needs labels in the batch")
+    """Next-token cross-entropy over the targets, "mean" (HF's) or "sum" (for losses normalised
+    over a global batch). A batch with no target gives 0, still attached to the graph, rather than
+    HF's NaN."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    ops = ops or resolve("auto", inputs.input_ids.device)
-    h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm)
-    keep = (inputs.targets != IGNORE_INDEX).nonzero().squeeze(1)
-    logits = text_head(select(params, "text."), cfg.text, h[keep], params["lm_head.weight"], ops=ops)
-    loss = F.cross_entropy(logits.float(), inputs.targets[keep], reduction="sum")
-    if reduction == "sum" or keep.numel() == 0:
-        return loss
-    return loss / keep.numel()
+    losses, _ = thinker_token_losses(params, cfg, batch, ops=ops, comm=comm)
+    total = losses.sum()
+    return total if reduction == "sum" or losses.numel() == 0 else total / losses.numel()

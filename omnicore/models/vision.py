@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omnicore.comm import LOCAL, Comm, row_linear
 from omnicore.config import VisionConfig
 from omnicore.layout import Split, TPPlan
+from omnicore.models.recompute import run_layer
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
 
@@ -183,10 +184,11 @@ def vision_encoder(
     *,
     ops: Ops,
     comm: Comm = LOCAL,
+    recompute: frozenset[int] = frozenset(),
 ) -> torch.Tensor:
     """(N, patch_dim) patches -> (N / 4, out_hidden) merged tokens in item / raster order.
 
-    params relative to "vision.".
+    params relative to "vision."; blocks in `recompute` are recomputed during backward.
     """
     n, u = pixel_values.shape[0], cfg.merge_unit
     if pixel_values.shape[1] != cfg.patch_dim or n != layout.order.numel() * u:
@@ -201,7 +203,7 @@ def vision_encoder(
     full = set(cfg.fullatt_blocks)
     for i in range(cfg.depth):
         segments = layout.slices if i in full else layout.windows
-        x = vision_block(select(params, f"blocks.{i}."), cfg, x, layout, segments, ops=ops, comm=comm)
+        x = run_layer(vision_block, i in recompute, select(params, f"blocks.{i}."), cfg, x, layout, segments, ops=ops, comm=comm)
     return _merge(select(params, "merger."), cfg, x, comm=comm, ops=ops)[layout.restore]
 
 

@@ -1,0 +1,87 @@
+"""Named (dp, pp, tp) process groups, validated once; the only place that builds groups.
+
+Rank order puts tensor parallelism innermost (ranks of one TP group are adjacent, i.e. on one node),
+then data parallelism, then pipeline stages (Megatron's order):
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank.
+A single process gets a Mesh with every size 1 and no process group at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import attrs
+import torch
+import torch.distributed as dist
+
+__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed"]
+
+
+class MeshError(ValueError):
+    """A world size that cannot hold the requested layout; names both."""
+
+
+@attrs.frozen
+class Mesh:
+    world: int
+    rank: int
+    dp: int
+    pp: int
+    tp: int
+    dp_group: object | None = None  # torch.distributed ProcessGroup, None when the size is 1
+    pp_group: object | None = None
+    tp_group: object | None = None
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _check(world: int, tp: int, pp: int) -> int:
+    if tp < 1 or pp < 1:
+        raise MeshError(f"parallel.tp and the pipeline depth must be >= 1 (got tp={tp}, pp={pp})")
+    if world % (tp * pp):
+        raise MeshError(f"world size {world} is not divisible by tp {tp} x pp {pp} = {tp * pp}")
+    return world // (tp * pp)
+
+
+def init_distributed(timeout_minutes: float) -> tuple[int, int]:
+    """Join the job torchrun started (env:// rendezvous), or stay single-process. Returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_mesh(world: int, rank: int, *, tp: int = 1, pp: int = 1) -> Mesh:
+    """Validate the layout and create every group (collectively: all ranks must call this)."""
+    dp = _check(world, tp, pp)
+    if world == 1:
+        return Mesh(world=1, rank=0, dp=1, pp=1, tp=1)
+    groups: dict[str, object] = {}
+    for name, ranks_of in (
+        ("tp", [[p * dp * tp + d * tp + t for t in range(tp)] for p in range(pp) for d in range(dp)]),
+        ("dp", [[p * dp * tp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)]),
+        ("pp", [[p * dp * tp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)]),
+    ):
+        for ranks in ranks_of:
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if rank in ranks:
+                groups[name] = group
+    return Mesh(world=world, rank=rank, dp=dp, pp=pp, tp=tp, dp_group=groups["dp"], pp_group=groups["pp"], tp_group=groups["tp"])
