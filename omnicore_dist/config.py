@@ -45,6 +45,7 @@ class DataSection:
     global_batch_size: int = 1
     num_workers: int = 0
     seed: int = 42
+    shuffle: bool = True
 
 
 @attrs.frozen(kw_only=True)

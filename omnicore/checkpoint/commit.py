@@ -81,14 +81,23 @@ class StepWriter:
     def add(self, name: str, sha256: str, nbytes: int) -> None:
         self.files[name] = {"sha256": sha256, "bytes": nbytes}
 
-    def copy_in(self, source: Path, name: str) -> None:
-        """Copy a file byte for byte (never parsed), fsync it and record it."""
+    def add_file(self, name: str) -> None:
+        """fsync a file already written into the step folder and record its size and sha256."""
         target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
         with open(target, "rb+") as f:
             os.fsync(f.fileno())
         self.add(name, sha256_file(target), target.stat().st_size)
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.path / name).write_text(text)
+        self.add_file(name)
+
+    def copy_in(self, source: Path, name: str) -> None:
+        """Copy a file byte for byte (never parsed) into the step folder and record it."""
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        self.add_file(name)
 
     def commit(self, meta: dict) -> Path:
         meta = {**meta, "iteration": self.iteration, "files": dict(sorted(self.files.items()))}

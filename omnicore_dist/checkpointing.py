@@ -1,0 +1,169 @@
+"""Training checkpoints in the native format: weights + optimizer + RNG + data position, every rank.
+
+One step folder per save (`iter_0000100/`), committed with the converter's protocol: the main rank
+opens the temporary folder, every rank writes its own files into it (RNG per data-parallel rank,
+ZeRO optimizer shards per rank), the main rank gathers their checksums, writes `meta.json` last,
+renames the folder into place and only then moves the tracker. `meta.json` records what the
+checkpoint lacks (optimizer or RNG when saving them was switched off), and a resume from it says
+that it is inexact. `keep_last` rotation only ever deletes complete, older checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from omnicore.checkpoint.commit import META, StepWriter, read_tracker, step_dirname
+from omnicore.checkpoint.hf import CheckpointError
+from omnicore.checkpoint.native import DictSource, NativeCheckpoint, native_meta, write_model_files
+from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
+from omnicore.config import ThinkerConfig
+from omnicore.layout import Layout
+from omnicore_dist.mesh import Mesh
+
+__all__ = ["SaveRequest", "save_training", "Resume", "load_resume", "rng_state", "set_rng_state", "rotate"]
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[str, str, int]:
+    with SafetensorsWriter(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    return path.name, w.sha256, w.nbytes
+
+
+@attrs.frozen(kw_only=True)
+class SaveRequest:
+    root: Path
+    step: int
+    cfg: ThinkerConfig
+    hf_config: Mapping
+    layout: Layout
+    params: Mapping[str, torch.Tensor]  # full-precision weights to save (master copies when they exist)
+    optimizer: Callable[[], Mapping[str, torch.Tensor]] | None  # None: --no-save-optim
+    zero_sharded: bool  # optimizer state differs per DP rank (ZeRO-1): every rank writes its own
+    save_rng: bool
+    data_state: Mapping
+    run_config: str  # the resolved run config (TOML)
+    hf_files: Mapping[str, Path]
+    keep_last: int = 0
+
+
+def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
+    """Collective: every rank calls it. Returns the committed step folder on the main rank."""
+    step = StepWriter(req.root, iteration=req.step, overwrite=True) if mesh.is_main else None
+    _barrier(mesh)
+    tmp = req.root / f".tmp-{step_dirname(req.step)}"
+    mine: list[tuple[str, str, int]] = []
+    if req.save_rng:
+        mine.append(_write_tensors(tmp / f"rng-dp{mesh.dp_rank:02d}.safetensors", rng_state()))
+    if req.optimizer is not None and (req.zero_sharded or mesh.is_main):
+        name = f"optim-dp{mesh.dp_rank:02d}.safetensors" if req.zero_sharded else "optim.safetensors"
+        mine.append(_write_tensors(tmp / name, req.optimizer()))
+    records = _gather(mine, mesh)
+    out = None
+    if mesh.is_main:
+        write_model_files(step, req.cfg, req.layout, DictSource(req.params))
+        step.write_text("data.json", json.dumps(dict(req.data_state), indent=2))
+        step.write_text("run_config.toml", req.run_config)
+        for name, path in req.hf_files.items():
+            step.copy_in(path, f"hf/{name}")
+        for name, sha, nbytes in records:
+            step.add(name, sha, nbytes)
+        lacks = [what for what, kept in (("optimizer", req.optimizer is not None), ("rng", req.save_rng)) if not kept]
+        meta = native_meta(req.cfg, req.hf_config, req.layout, {
+            "kind": "training",
+            "lacks": lacks,
+            "dp_size": mesh.dp,
+            "zero_sharded": req.zero_sharded,
+        })  # fmt: skip
+        out = step.commit(meta)
+        rotate(req.root, req.keep_last)
+    _barrier(mesh)
+    return out
+
+
+def _barrier(mesh: Mesh) -> None:
+    if mesh.world > 1:
+        dist.barrier()
+
+
+def _gather(records: list, mesh: Mesh) -> list:
+    if mesh.world == 1:
+        return records
+    everyone: list = [None] * mesh.world
+    dist.all_gather_object(everyone, records)
+    return [r for rank_records in everyone for r in rank_records]
+
+
+def rotate(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints older than the newest `keep_last` (never the tracked one)."""
+    if keep_last <= 0:
+        return
+    tracked = read_tracker(root)
+    steps = sorted(p for p in root.glob("iter_*") if (p / META).exists())
+    for old in steps[:-keep_last]:
+        if tracked is None or old.name != step_dirname(int(tracked)):
+            shutil.rmtree(old)
+
+
+@attrs.frozen(kw_only=True)
+class Resume:
+    """What a training checkpoint restores beyond the weights."""
+
+    step: int
+    data_state: Mapping
+    optimizer: Mapping[str, torch.Tensor] | None
+    rng: Mapping[str, torch.Tensor] | None
+    inexact: tuple[str, ...]  # what is missing, for the warning
+
+
+def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rng: bool) -> Resume | None:
+    """Optimizer / RNG / data position of a training checkpoint (None for a release)."""
+    meta = ckpt.meta
+    if meta.get("kind") != "training":
+        return None
+    inexact = list(meta.get("lacks", []))
+    optimizer = None
+    if "optimizer" not in inexact and load_optim:
+        name = f"optim-dp{mesh.dp_rank:02d}.safetensors" if meta.get("zero_sharded") else "optim.safetensors"
+        if meta.get("zero_sharded") and meta.get("dp_size") != mesh.dp:
+            raise CheckpointError(
+                f"{ckpt.path}: ZeRO optimizer shards were saved with data-parallel size {meta.get('dp_size')}, "
+                f"this run has {mesh.dp}; reshard them first"
+            )
+        optimizer = _read_all(ckpt.path / name)
+    elif not load_optim:
+        inexact.append("optimizer (load_optim = false)")
+    rng = None
+    rng_file = ckpt.path / f"rng-dp{mesh.dp_rank:02d}.safetensors"
+    if "rng" not in inexact and load_rng and rng_file.exists():
+        rng = _read_all(rng_file)
+    elif load_rng and "rng" not in inexact:
+        inexact.append(f"rng (no state for data-parallel rank {mesh.dp_rank})")
+    data_file = ckpt.path / "data.json"  # listed in meta.json, so already verified by its sha256
+    data_state = json.loads(data_file.read_text()) if data_file.exists() else {}
+    return Resume(step=int(meta["iteration"]), data_state=data_state, optimizer=optimizer, rng=rng, inexact=tuple(inexact))
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    f = SafetensorsFile(path)
+    return {k: f.read(k) for k in f.keys()}

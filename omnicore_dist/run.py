@@ -1,0 +1,289 @@
+"""A training run from a RunConfig: load, plan, loop, save, resume, export.
+
+`run` is the programmatic entry (tests and the demo pass their samples in); `run_from_file` is what
+the launcher calls. The run folder (`checkpoint.save`) holds the resolved `config.toml`, `log.txt`,
+`metrics.jsonl`, `loss.png` and the checkpoints (`iter_*`, tracker).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import attrs
+import torch
+
+from omnicore.checkpoint.commit import META, TRACKER
+from omnicore.checkpoint.convert import native_to_hf, side_files
+from omnicore.checkpoint.hf import CheckpointError, load_hf
+from omnicore.checkpoint.native import NativeCheckpoint
+from omnicore.config import ConfigError as ModelConfigError
+from omnicore.config import ThinkerConfig
+from omnicore.data.collate import collate_packed
+from omnicore.data.sampler import StepSampler
+from omnicore.layout import Layout, LayoutError
+from omnicore.models.thinker import param_shapes
+from omnicore.ops import resolve
+from omnicore.params import Params
+from omnicore_dist.checkpointing import SaveRequest, load_resume, save_training, set_rng_state
+from omnicore_dist.config import ConfigError, RunConfig, load_run_config, to_toml
+from omnicore_dist.mesh import Mesh, MeshError, build_mesh, init_distributed
+from omnicore_dist.metrics import RunLog, StepRecord
+from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW
+from omnicore_dist.schedule import LRSchedule, lr_at
+from omnicore_dist.train import BadStep, GradBuffer, part_of, recompute_spec, train_step
+
+__all__ = ["run", "run_from_file", "Loaded", "load_model", "plan_lines", "memory_estimate", "RUN_ERRORS"]
+
+RUN_ERRORS = (ConfigError, ModelConfigError, CheckpointError, LayoutError, MeshError, OptimStateError, FileExistsError, FileNotFoundError)
+# Parts' parameter prefixes, most specific first (the first matching rule wins).
+_PART_PATTERNS = {"vision_merger": r"^vision\.merger\.", "vision": r"^vision\.", "audio_proj": r"^audio\.proj\.", "audio": r"^audio\.", "llm": r"^(text\.|lm_head\.)"}
+
+
+@attrs.frozen
+class Loaded:
+    cfg: ThinkerConfig
+    hf_config: Mapping
+    params: Params
+    hf_dir: Path | None  # the original HF folder, when known (export, tokenizer)
+    hf_files: Mapping[str, Path]
+    checkpoint: NativeCheckpoint | None
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def load_model(cfg: RunConfig, base: Path, *, device: torch.device, dtype: torch.dtype) -> Loaded:
+    """`model.load` may be an HF folder, a converted release or a training save folder."""
+    path = _path(base, cfg.model.load)
+    if not path.exists():
+        raise FileNotFoundError(f"model.load: {path} does not exist")
+    native = (path / TRACKER).exists() or (path / META).exists()
+    if not native:
+        model_cfg, params = load_hf(path, dtype=dtype, device=device)
+        hf_config = json.loads((path / "config.json").read_text())
+        return Loaded(model_cfg, hf_config, params, path, side_files(path), None)
+    ckpt = NativeCheckpoint(path, iteration=cfg.model.iteration)
+    params = {k: v.to(device) for k, v in ckpt.params(dtype).items()}
+    hf_dir = cfg.checkpoint.hf_dir or ckpt.meta.get("source", {}).get("hf_dir")
+    return Loaded(ckpt.cfg, ckpt.meta["hf_config"], params, _path(base, hf_dir) if hf_dir else None, ckpt.hf_files(), ckpt)
+
+
+def _device(mesh: Mesh) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", mesh.rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
+
+
+def memory_estimate(cfg: ThinkerConfig, params: Params, trainable: set[str], tokens_per_micro: int, baseline: int) -> dict[str, int]:
+    """Bytes per rank: weights, fp32 gradient buffer, optimizer state and activations (analytic,
+    per token and layer from what autograd keeps), plus the process baseline measured now."""
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    n_train = sum(params[n].numel() for n in trainable)
+    masters = sum(params[n].numel() * 4 for n in trainable if params[n].dtype != torch.float32)
+    t = cfg.text
+    per_token = t.n_layers * (10 * t.hidden + 2 * t.n_kv_heads * t.head_dim + 4 * t.ffn) * 4
+    activations = tokens_per_micro * per_token + tokens_per_micro * t.vocab_size * 8
+    parts = {"baseline": baseline, "weights": weights, "gradients": n_train * 4, "optimizer": n_train * 8 + masters, "activations": activations}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _rss() -> int:
+    text = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+    m = re.search(r"VmRSS:\s+(\d+)", text)
+    return int(m.group(1)) * 1024 if m else 0
+
+
+def plan_lines(cfg: RunConfig, loaded: Loaded, mesh: Mesh, trainable: set[str], sample: Mapping | None, decode: Callable | None) -> list[str]:
+    params = loaded.params
+    n_all = sum(p.numel() for p in params.values())
+    n_train = sum(params[n].numel() for n in trainable)
+    tokens = int(sample["input_ids"].numel()) * cfg.data.micro_batch_size if sample is not None else cfg.data.seq_length
+    mem = memory_estimate(loaded.cfg, params, trainable, tokens, _rss())
+    accum = cfg.data.global_batch_size // (cfg.data.micro_batch_size * mesh.dp)
+    lines = [
+        f"world {mesh.world}: dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}; {accum} micro-batch(es) of {cfg.data.micro_batch_size} per rank per step",
+        f"parameters per rank: {n_all:,} ({n_train:,} trainable; frozen: {', '.join(cfg.model.freeze) or 'none'})",
+        "memory estimate per rank: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()),
+    ]
+    if sample is not None:
+        ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+        shown = []
+        for i, tok in enumerate(ids):
+            text = decode([tok]) if decode else str(tok)
+            labelled = i + 1 < len(labels) and labels[i + 1] != -100  # predicts a labelled next token
+            shown.append(f"[{text}]" if labelled else text)
+        lines.append("sample 0 (tokens whose next token is trained on are in [brackets]):")
+        lines.append(" ".join(shown))
+    return lines
+
+
+def _optimizer(cfg: RunConfig, trainable: Params, mesh: Mesh):
+    rules = [(pattern, cfg.train.lr_mult.get(part), None) for part, pattern in _PART_PATTERNS.items()]
+    rules.append((r"(\.bias|norm\.weight)$", None, 0.0))  # no weight decay on biases and norms (Megatron)
+    hyper = dict(lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+                 weight_decay=cfg.train.weight_decay, groups=rules)  # fmt: skip
+    if cfg.parallel.distributed_optimizer:
+        return ZeroAdamW(trainable, dp_group=mesh.dp_group, **hyper)
+    return AdamW(trainable, **hyper)
+
+
+def _schedule(cfg: RunConfig) -> LRSchedule:
+    t = cfg.train
+    return LRSchedule(lr=t.lr, decay_steps=t.train_iters, min_lr=t.min_lr, style=t.lr_decay_style,
+                      warmup_steps=t.lr_warmup_iters or 0, warmup_fraction=0.0 if t.lr_warmup_iters else t.lr_warmup_fraction)  # fmt: skip
+
+
+def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
+    state = dict(optimizer.state_dict())
+    if isinstance(optimizer, ZeroAdamW):  # the slice bounds travel with the shard
+        state["zero_meta"] = torch.frombuffer(bytearray(json.dumps(optimizer.metadata()).encode()), dtype=torch.uint8)
+    return state
+
+
+def _load_optimizer_state(optimizer, state: Mapping[str, torch.Tensor]) -> None:
+    state = dict(state)
+    meta = state.pop("zero_meta", None)
+    if isinstance(optimizer, ZeroAdamW):
+        if meta is None:
+            raise OptimStateError("the checkpoint holds a plain optimizer state; this run uses the distributed optimizer")
+        optimizer.load_state_dict(state, json.loads(bytes(meta.tolist()).decode()))
+    elif meta is not None:
+        raise OptimStateError("the checkpoint holds ZeRO optimizer shards; this run uses the plain optimizer")
+    else:
+        optimizer.load_state_dict(state)
+
+
+def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None, dry_run: bool = False,
+        decode: Callable | None = None, stop_after: int | None = None) -> dict:  # fmt: skip
+    """Train (or plan, with `dry_run`). `samples` are processed samples (omnicore.data.collate's
+    format); `stop_after` ends the loop early after that many steps (tests of resume)."""
+    rank, world = init_distributed(cfg.parallel.timeout_minutes)
+    pp = len(cfg.parallel.llm_pp_layers or (1,))
+    mesh = build_mesh(world, rank, tp=cfg.parallel.tp, pp=pp)
+    if mesh.tp > 1 or mesh.pp > 1:
+        raise ConfigError(f"parallel.tp = {mesh.tp}, pipeline stages = {mesh.pp}: this build trains data-parallel only")
+    if cfg.data.global_batch_size % (cfg.data.micro_batch_size * mesh.dp):
+        raise ConfigError(
+            f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by data.micro_batch_size "
+            f"{cfg.data.micro_batch_size} x data-parallel size {mesh.dp}"
+        )
+    if samples is None:
+        raise ConfigError("data: no samples (pass processed samples, or set data.config once the data pipeline reads it)")
+    torch.manual_seed(cfg.train.seed)
+    device = _device(mesh)
+    ops = resolve(cfg.ops.backend, device)
+    dtype = _dtype(cfg.model.dtype, device)
+    loaded = load_model(cfg, base, device=device, dtype=dtype)
+    frozen = set(cfg.model.freeze)
+    # One canonical parameter order (the model definition's), whatever the checkpoint's file order:
+    # sums over parameters (gradient norm) must not depend on where the weights came from.
+    order = list(param_shapes(loaded.cfg))
+    trainable = {n: loaded.params[n] for n in order if part_of(n) not in frozen and n != "audio.bos_eos.weight"}
+    for n, p in loaded.params.items():
+        p.requires_grad_(n in trainable)
+    run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
+    if dry_run:
+        if mesh.is_main:
+            print(f"ops backend: {ops.name}; device {device}; dtype {dtype}")
+            print("\n".join(plan_lines(cfg, loaded, mesh, set(trainable), samples[0] if samples else None, decode)))
+        return {}
+    sampler = StepSampler(n_samples=len(samples), global_batch=cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
+                          dp_size=mesh.dp, seed=cfg.data.seed, shuffle=cfg.data.shuffle)  # fmt: skip
+    optimizer = _optimizer(cfg, trainable, mesh)
+    schedule = _schedule(cfg)
+    recompute = recompute_spec(loaded.cfg, cfg.model.recompute)
+    grads = GradBuffer(trainable)
+    step, consumed = 0, 0
+    log = RunLog(run_dir, enabled=mesh.is_main, interval=cfg.log.interval, warmup_steps=cfg.log.warmup_steps,
+                 total_steps=cfg.train.train_iters, first_step=1, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)  # fmt: skip
+    resume = load_resume(loaded.checkpoint, mesh, load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng) if loaded.checkpoint else None
+    if resume is not None:
+        step, consumed = resume.step, int(resume.data_state.get("consumed_samples", 0))
+        if resume.optimizer is not None:
+            _load_optimizer_state(optimizer, resume.optimizer)
+        if resume.rng is not None:
+            set_rng_state(resume.rng)
+        log.message(f"resumed from {loaded.checkpoint.path} at step {step}, {consumed} samples consumed"
+                    + (f"; INEXACT resume, missing: {', '.join(resume.inexact)}" if resume.inexact else ""))  # fmt: skip
+        log.event("resume", step=step, path=str(loaded.checkpoint.path), inexact=list(resume.inexact))
+    if mesh.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        log.message(f"ops backend {ops.name}, device {device}, dtype {dtype}, world {mesh.world} (dp {mesh.dp})")
+    run_config_text = to_toml(cfg)
+    bad_in_a_row, last_saved = 0, None
+
+    def save(at: int) -> Path | None:
+        return save_training(
+            SaveRequest(
+                root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=Layout(), params=loaded.params,
+                optimizer=(lambda: _optimizer_state(optimizer)) if cfg.checkpoint.save_optim else None,
+                zero_sharded=isinstance(optimizer, ZeroAdamW), save_rng=cfg.checkpoint.save_rng,
+                data_state={"consumed_samples": consumed, "seed": cfg.data.seed}, run_config=run_config_text,
+                hf_files=loaded.hf_files, keep_last=cfg.checkpoint.keep_last,
+            ),
+            mesh,
+        )  # fmt: skip
+
+    last = cfg.train.train_iters if stop_after is None else min(cfg.train.train_iters, step + stop_after)
+    try:
+        while step < last:
+            started = time.perf_counter()
+            indices = sampler.rank_micro_batches(consumed, mesh.dp_rank)
+            micro = [collate_packed([samples[i] for i in mb]) for mb in indices]
+            data_seconds = time.perf_counter() - started
+            allow_skip = cfg.train.bad_step_policy == "skip" and bad_in_a_row < cfg.train.max_bad_steps - 1
+            lr = lr_at(schedule, optimizer.num_steps)
+            result = train_step(loaded.params, grads, optimizer, loaded.cfg, micro, lr=lr,
+                                mesh=mesh, ops=ops, loss_reduction=cfg.train.loss_reduction, clip_grad=cfg.train.clip_grad,
+                                recompute=recompute, allow_skip=allow_skip)  # fmt: skip
+            step += 1
+            consumed += cfg.data.global_batch_size
+            bad_in_a_row = 0 if result.applied else bad_in_a_row + 1
+            log.step(StepRecord(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
+                                tokens=result.tokens, samples=result.samples, modality_tokens=result.modality_tokens,
+                                step_seconds=time.perf_counter() - started, data_seconds=data_seconds, devices=mesh.world,
+                                skipped=not result.applied))  # fmt: skip
+            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < last:
+                last_saved = save(step)
+        last_saved = save(step)
+    except BadStep as err:
+        log.message(f"stopped at step {step + 1}: {err}; the newest checkpoint is untouched")
+        log.event("stop", step=step + 1, reason=str(err))
+        log.close()
+        raise
+    summary = log.summary()
+    if mesh.is_main and cfg.checkpoint.export_hf:
+        if loaded.hf_dir is None:
+            raise ConfigError("checkpoint.export_hf needs the original HF folder: set checkpoint.hf_dir")
+        out = native_to_hf(last_saved, loaded.hf_dir, _path(base, cfg.checkpoint.export_hf), overwrite=True)
+        log.message(f"exported the final model to {out}")
+    log.close()
+    return summary | {"run_dir": str(run_dir), "step": step}
+
+
+def run_from_file(path: str, overrides: Sequence[str], *, dry_run: bool = False) -> int:
+    try:
+        cfg = load_run_config(path, overrides)
+        run(cfg, base=Path(path).resolve().parent, dry_run=dry_run)
+    except RUN_ERRORS as err:
+        print(f"omnicore: error: {err}", file=sys.stderr)
+        return 2
+    except BadStep as err:
+        print(f"omnicore: training stopped: {err}", file=sys.stderr)
+        return 3
+    return 0

@@ -1,0 +1,224 @@
+"""The training loop: micro-batches with gradient accumulation, data parallelism, logging, saving.
+
+One global step: every DP rank prepares its micro-batches (host work, once), the step's target
+counts are all-reduced first so each micro-batch's loss can be scaled by the *global* denominator
+(loss per token over the global batch by default; the recipe's per-micro-batch mean and per-sample
+mean as options), gradients accumulate in one flat fp32 buffer (parameters a micro-batch does not
+use simply add nothing: a rank without images still joins every reduction, so nothing hangs), the
+buffer is all-reduced in buckets, the global norm is checked (NaN / Inf stops or skips the step on
+every rank alike) and clipped, and the optimizer updates the trainable parameters in place.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from omnicore.config import ThinkerConfig
+from omnicore.models.recompute import Recompute
+from omnicore.models.thinker import IGNORE_INDEX, ThinkerInputs, prepare_inputs, thinker_token_losses
+from omnicore.ops import Ops
+from omnicore.params import Params
+from omnicore_dist.mesh import Mesh
+from omnicore_dist.optim import ZeroAdamW, all_reduce_sum, clip_grad_norm_
+
+__all__ = ["part_of", "GradBuffer", "StepResult", "BadStep", "train_step", "recompute_spec"]
+
+_BUCKET_BYTES = 32 * 2**20
+
+
+def part_of(name: str) -> str:
+    """The freezable part a parameter belongs to (model.freeze, train.lr_mult)."""
+    if name.startswith("vision.merger."):
+        return "vision_merger"
+    if name.startswith("vision."):
+        return "vision"
+    if name.startswith("audio.proj."):
+        return "audio_proj"
+    if name.startswith("audio."):
+        return "audio"
+    return "llm"
+
+
+def recompute_spec(cfg: ThinkerConfig, setting: Mapping[str, str | int]) -> Recompute:
+    """`model.recompute`: tower (`llm` / `vision` / `audio`) -> "full" (every layer), "uniform"
+    (every other layer) or N (the first N layers, the recipe's block method)."""
+    depth = {"llm": cfg.text.n_layers, "vision": cfg.vision.depth, "audio": cfg.audio.n_layers}
+    chosen: dict[str, frozenset[int]] = {}
+    for tower, how in setting.items():
+        if tower not in depth:
+            raise ValueError(f"model.recompute: unknown tower {tower!r}; choose from {list(depth)}")
+        if how == "full":
+            chosen[tower] = frozenset(range(depth[tower]))
+        elif how == "uniform":
+            chosen[tower] = frozenset(range(0, depth[tower], 2))
+        elif isinstance(how, int) and 0 <= how <= depth[tower]:
+            chosen[tower] = frozenset(range(how))
+        else:
+            raise ValueError(f"model.recompute.{tower}: expected 'full', 'uniform' or 0..{depth[tower]}, got {how!r}")
+    return Recompute(text=chosen.get("llm", ()), vision=chosen.get("vision", ()), audio=chosen.get("audio", ()))
+
+
+class GradBuffer:
+    """One flat fp32 buffer holding the gradient of every trainable parameter.
+
+    fp32 parameters get views of it as their `.grad`, so autograd accumulates straight into it;
+    lower-precision parameters have their gradients added in after each micro-batch (fp32
+    accumulation). The DP all-reduce runs over contiguous slices, with no copies.
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor]):
+        self.names = list(params)
+        total = sum(p.numel() for p in params.values())
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        self.flat = torch.zeros(total, dtype=torch.float32, device=device)
+        self.views: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, p in params.items():
+            self.views[name] = self.flat[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        self.params = params
+
+    def zero(self) -> None:
+        self.flat.zero_()
+        for name, p in self.params.items():
+            p.grad = self.views[name] if p.dtype == torch.float32 else None
+
+    def collect(self) -> None:
+        """Fold low-precision gradients of the last backward into the buffer."""
+        for name, p in self.params.items():
+            if p.grad is not None and p.dtype != torch.float32:
+                self.views[name].add_(p.grad)
+                p.grad = None
+
+    def release(self) -> None:
+        """Detach the buffer from the parameters between steps."""
+        for p in self.params.values():
+            p.grad = None
+
+    def all_reduce(self, group) -> None:
+        step = max(1, _BUCKET_BYTES // 4)
+        for start in range(0, self.flat.numel(), step):
+            dist.all_reduce(self.flat[start : start + step], group=group)
+
+
+@attrs.frozen
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int  # every real token of the global batch
+    targets: int
+    samples: int
+    modality_tokens: Mapping[str, int]
+    applied: bool  # False when a non-finite loss / norm skipped the update
+
+
+class BadStep(RuntimeError):
+    """A non-finite loss or gradient norm; parameters are as before the step."""
+
+
+def _counts(inputs: Sequence[ThinkerInputs]) -> torch.Tensor:
+    """Local (targets, micro-batches, samples with targets, tokens, image, video, audio tokens)."""
+    targets = samples = tokens = images = videos = audios = 0
+    for inp in inputs:
+        keep = inp.targets != IGNORE_INDEX
+        targets += int(keep.sum())
+        samples += int(torch.unique(inp.segments.segment_ids()[keep]).numel())
+        tokens += inp.input_ids.numel()
+        images += 0 if inp.images is None else inp.images.slots.numel()
+        videos += 0 if inp.videos is None else inp.videos.slots.numel()
+        audios += 0 if inp.audios is None else inp.audios.slots.numel()
+    return torch.tensor([targets, len(inputs), samples, tokens, images, videos, audios], dtype=torch.float64)
+
+
+def _objective(losses: torch.Tensor, sample_ids: torch.Tensor, mode: str, totals: torch.Tensor) -> torch.Tensor:
+    """This micro-batch's share of the global loss, already divided by the global denominator."""
+    targets, micro, samples = totals[0].item(), totals[1].item(), totals[2].item()
+    if mode == "token":
+        return losses.sum() / max(targets, 1.0)
+    if mode == "micro_batch":  # the recipe's default: mean per micro-batch, averaged
+        return (losses.mean() if losses.numel() else losses.sum()) / micro
+    per_sample = torch.zeros(int(sample_ids.max()) + 1 if sample_ids.numel() else 0, device=losses.device)
+    per_sample = per_sample.index_add(0, sample_ids, losses)
+    counts = torch.bincount(sample_ids, minlength=per_sample.numel()).clamp(min=1)
+    return (per_sample / counts).sum() / max(samples, 1.0)
+
+
+def _update(optimizer, grads: GradBuffer, mesh: Mesh, *, clip_grad: float, lr: float, loss: float, allow_skip: bool) -> tuple[float, bool]:
+    """Reduce gradients over DP, measure / clip the global norm, step unless something is non-finite.
+
+    Plain AdamW: the flat buffer is all-reduced in buckets. ZeRO-1: gradients are reduce-scattered
+    and the norm's squares summed over the DP group. Returns (pre-clip norm, applied)."""
+    zero = isinstance(optimizer, ZeroAdamW)
+    if zero:
+        slices = optimizer.reduce_grads(grads.views)
+        norm = clip_grad_norm_(slices, clip_grad, reduce_sq=all_reduce_sum(mesh.dp_group) if mesh.dp > 1 else None)
+    else:
+        if mesh.dp > 1:
+            grads.all_reduce(mesh.dp_group)
+        slices = grads.views
+        norm = clip_grad_norm_(slices, clip_grad)
+    norm = float(norm)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        if not allow_skip:
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            raise BadStep(f"non-finite {what} (loss {loss}, grad norm {norm}); parameters are unchanged")
+        return norm, False
+    optimizer.step(slices, lr=lr)
+    return norm, True
+
+
+def train_step(
+    params: Params,
+    grads: GradBuffer,
+    optimizer,
+    cfg: ThinkerConfig,
+    micro_batches: Sequence[Mapping | ThinkerInputs],
+    *,
+    lr: float,
+    mesh: Mesh,
+    ops: Ops,
+    loss_reduction: str = "token",
+    clip_grad: float = 0.0,
+    recompute: Recompute = Recompute(),
+    allow_skip: bool = False,
+    autocast: torch.dtype | None = None,
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches (collective across the DP group).
+
+    Raises BadStep on a non-finite loss or norm unless `allow_skip` (then nothing is updated).
+    """
+    inputs = [mb if isinstance(mb, ThinkerInputs) else prepare_inputs(cfg, mb) for mb in micro_batches]
+    totals = _counts(inputs)
+    if mesh.dp > 1:
+        dist.all_reduce(totals, group=mesh.dp_group)
+    grads.zero()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    device = grads.flat.device
+    for inp in inputs:
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            losses, sample_ids = thinker_token_losses(params, cfg, inp, ops=ops, recompute=recompute)
+        objective = _objective(losses, sample_ids, loss_reduction, totals)
+        objective.backward()
+        grads.collect()
+        loss_sum += objective.detach().double().cpu()
+    if mesh.dp > 1:
+        dist.all_reduce(loss_sum, group=mesh.dp_group)
+    loss = float(loss_sum)
+    norm, applied = _update(optimizer, grads, mesh, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
+    grads.release()
+    t = totals.tolist()
+    return StepResult(
+        loss=loss,
+        grad_norm=norm,
+        tokens=int(t[3]),
+        targets=int(t[0]),
+        samples=int(t[2]),
+        modality_tokens={"text": int(t[3] - t[4] - t[5] - t[6]), "image": int(t[4]), "video": int(t[5]), "audio": int(t[6])},
+        applied=applied,
+    )
