@@ -1,0 +1,58 @@
+"""One rank of a training run for the multi-process tests: `train_worker.py JOB_JSON`.
+
+JOB: hf (the HF folder), base (run base folder), overrides (run-config overrides), layout
+("mixed": ranks alternate text-only and image + audio micro-batches), iters."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from hf_reference import Piece
+from omnicore_dist.config import load_run_config
+from omnicore_dist.run import run
+from test_collate import _sample
+
+T, I, A = "text", "image", "audio"
+TEXT = [Piece(T, 7)]
+MEDIA = [Piece(T, 2), Piece(I, grid=(1, 4, 6)), Piece(T, 3), Piece(A, 90), Piece(T, 4)]
+# With shuffling off, global batch 4 and DP 2: step 1 gives rank 0 two text-only samples and rank 1
+# two image + audio samples; step 2 the other way round.
+MIXED = [TEXT, TEXT, MEDIA, MEDIA, MEDIA, MEDIA, TEXT, TEXT]
+
+CONFIG = """
+[model]
+load = "{hf}"
+[data]
+global_batch_size = 4
+micro_batch_size = 1
+shuffle = false
+[train]
+train_iters = {iters}
+lr = 2e-3
+clip_grad = 1.0
+[checkpoint]
+save = "run"
+[log]
+progress = false
+"""
+
+
+def samples() -> list:
+    return [_sample(p, i) for i, p in enumerate(MIXED)]
+
+
+def main(job: dict) -> None:
+    torch.set_num_threads(1)
+    base = Path(job["base"])
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "run.toml").write_text(CONFIG.format(hf=job["hf"], iters=job["iters"]))
+    cfg = load_run_config(base / "run.toml", job["overrides"])
+    run(cfg, base=base, samples=samples())
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
