@@ -99,6 +99,7 @@ class LogSection:
     warmup_steps: int = 2  # excluded from the end-of-run throughput summary
     tensorboard: bool = False
     progress: bool = True
+    peak_tflops: float = 0.0  # per device, for MFU (e.g. 989 for an H100 in bf16); 0: MFU not reported
 
 
 @attrs.frozen(kw_only=True)

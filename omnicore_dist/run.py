@@ -257,7 +257,8 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             log.step(StepRecord(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
                                 tokens=result.tokens, samples=result.samples, modality_tokens=result.modality_tokens,
                                 step_seconds=time.perf_counter() - started, data_seconds=data_seconds, devices=mesh.world,
-                                skipped=not result.applied))  # fmt: skip
+                                skipped=not result.applied, flops=result.flops * mesh.dp,
+                                peak_flops_per_device=cfg.log.peak_tflops * 1e12))  # fmt: skip
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < last:
                 last_saved = save(step)
         last_saved = save(step)

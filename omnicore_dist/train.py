@@ -27,7 +27,7 @@ from omnicore.params import Params
 from omnicore_dist.mesh import Mesh
 from omnicore_dist.optim import ZeroAdamW, all_reduce_sum, clip_grad_norm_
 
-__all__ = ["part_of", "GradBuffer", "StepResult", "BadStep", "train_step", "recompute_spec"]
+__all__ = ["part_of", "model_flops", "GradBuffer", "StepResult", "BadStep", "train_step", "recompute_spec"]
 
 _BUCKET_BYTES = 32 * 2**20
 
@@ -116,6 +116,7 @@ class StepResult:
     samples: int
     modality_tokens: Mapping[str, int]
     applied: bool  # False when a non-finite loss / norm skipped the update
+    flops: float = 0.0  # model FLOPs of this rank's micro-batches (forward + backward)
 
 
 class BadStep(RuntimeError):
@@ -134,6 +135,30 @@ def _counts(inputs: Sequence[ThinkerInputs]) -> torch.Tensor:
         videos += 0 if inp.videos is None else inp.videos.slots.numel()
         audios += 0 if inp.audios is None else inp.audios.slots.numel()
     return torch.tensor([targets, len(inputs), samples, tokens, images, videos, audios], dtype=torch.float64)
+
+
+def model_flops(cfg: ThinkerConfig, inputs: Sequence[ThinkerInputs]) -> float:
+    """Forward + backward FLOPs: 6 per weight per token through every tower's linear layers, plus
+    causal text attention (6 x L x C x length^2 per sample) and the windowed / chunked encoder
+    attention (12 x layers x width x length^2 per segment). Frozen towers are counted like trained
+    ones (the usual MFU convention)."""
+    t, v, a = cfg.text, cfg.vision, cfg.audio
+    text_weights = t.n_layers * (2 * t.hidden * t.hidden + 2 * t.hidden * t.n_kv_heads * t.head_dim + 3 * t.hidden * t.ffn)
+    vision_weights = v.depth * (4 * v.hidden * v.hidden + 3 * v.hidden * v.ffn)
+    audio_weights = a.n_layers * (4 * a.d_model * a.d_model + 2 * a.d_model * a.ffn)
+    flops = 0.0
+    for inp in inputs:
+        keep = int((inp.targets != IGNORE_INDEX).sum()) if inp.targets is not None else 0
+        flops += 6 * text_weights * inp.input_ids.numel() + 6 * t.hidden * t.vocab_size * keep
+        flops += sum(6 * t.n_layers * t.hidden * n * n for n in inp.segments.lengths)
+        for media in (inp.images, inp.videos):
+            if media is not None:
+                patches = media.values.shape[0]
+                flops += 6 * vision_weights * patches + sum(12 * v.depth * v.hidden * n * n for n in media.layout.windows.lengths)
+        if inp.audios is not None:
+            frames = inp.audios.layout.kept.sum().item()
+            flops += 6 * audio_weights * frames + sum(12 * a.n_layers * a.d_model * n * n for n in inp.audios.layout.chunks.lengths)
+    return flops
 
 
 def _objective(losses: torch.Tensor, sample_ids: torch.Tensor, mode: str, totals: torch.Tensor) -> torch.Tensor:
@@ -221,4 +246,5 @@ def train_step(
         samples=int(t[2]),
         modality_tokens={"text": int(t[3] - t[4] - t[5] - t[6]), "image": int(t[4]), "video": int(t[5]), "audio": int(t[6])},
         applied=applied,
+        flops=model_flops(cfg, inputs),
     )
