@@ -118,3 +118,33 @@ def test_model_flops_counts_every_text_weight():
     weights = sum(torch.Size(s).numel() for k, s in param_shapes(TINY).items() if k.startswith("text.layers.") and k.endswith("weight") and "norm" not in k)
     expected = 6 * weights * 10 + 6 * t.hidden * t.vocab_size * 9 + 6 * t.n_layers * t.hidden * 10 * 10
     assert model_flops(TINY, [prepare_inputs(TINY, batch)]) == expected
+
+
+_DRY = """
+import re, sys
+sys.path[:0] = {paths!r}
+import train_worker
+from omnicore_dist.config import load_run_config
+from omnicore_dist.run import run
+from pathlib import Path
+base = Path({base!r})
+base.mkdir(parents=True, exist_ok=True)
+(base / "run.toml").write_text(train_worker.CONFIG.format(hf={hf!r}, iters=3))
+run(load_run_config(base / "run.toml"), base=base, samples=train_worker.samples(), dry_run={dry})
+print("PEAK", int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024)
+"""
+
+
+def test_dry_run_plan_and_memory_estimate_within_25_percent(tiny_hf, tmp_path):
+    paths = [str(ROOT / "tests"), str(ROOT / "tests" / "data"), str(ROOT / "tests" / "train"), str(ROOT / "examples")]
+    outs = {}
+    for dry in (True, False):
+        code = _DRY.format(paths=paths, base=str(tmp_path / f"r{dry}"), hf=str(tiny_hf), dry=dry)
+        outs[dry] = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, check=True).stdout
+    plan = outs[True]
+    assert "world 1: dp 1 x pp 1 x tp 1; 4 micro-batch(es) of 1 per rank per step" in plan
+    assert "parameters per rank: 310,240" in plan and "sample 0 (tokens whose next token is trained on are in [brackets])" in plan
+    assert not (tmp_path / "rTrue" / "run").exists()  # a dry run trains and writes nothing
+    estimate = float(plan.split("total ")[1].split(" MiB")[0]) * 2**20
+    peak = int(outs[False].split("PEAK")[1])
+    assert abs(estimate - peak) <= 0.25 * peak, f"estimate {estimate / 2**20:.0f} MiB vs measured peak {peak / 2**20:.0f} MiB"
