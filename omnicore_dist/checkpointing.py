@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -131,7 +131,7 @@ class Resume:
 
     step: int
     data_state: Mapping
-    optimizer: Mapping[str, torch.Tensor] | None
+    optimizer: Sequence[Mapping[str, torch.Tensor]] | None  # one state, or every ZeRO rank's shard
     rng: Mapping[str, torch.Tensor] | None
     inexact: tuple[str, ...]  # what is missing, for the warning
 
@@ -144,13 +144,10 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
     inexact = list(meta.get("lacks", []))
     optimizer = None
     if "optimizer" not in inexact and load_optim:
-        name = f"optim-dp{mesh.dp_rank:02d}.safetensors" if meta.get("zero_sharded") else "optim.safetensors"
-        if meta.get("zero_sharded") and meta.get("dp_size") != mesh.dp:
-            raise CheckpointError(
-                f"{ckpt.path}: ZeRO optimizer shards were saved with data-parallel size {meta.get('dp_size')}, "
-                f"this run has {mesh.dp}; reshard them first"
-            )
-        optimizer = _read_all(ckpt.path / name)
+        if meta.get("zero_sharded"):  # every shard: the run may use another DP size, or no ZeRO
+            optimizer = [_read_all(ckpt.path / f"optim-dp{r:02d}.safetensors") for r in range(int(meta["dp_size"]))]
+        else:
+            optimizer = [_read_all(ckpt.path / "optim.safetensors")]
     elif not load_optim:
         inexact.append("optimizer (load_optim = false)")
     rng = None

@@ -33,7 +33,7 @@ from omnicore_dist.checkpointing import SaveRequest, load_resume, save_training,
 from omnicore_dist.config import ConfigError, RunConfig, load_run_config, to_toml
 from omnicore_dist.mesh import Mesh, MeshError, build_mesh, init_distributed
 from omnicore_dist.metrics import RunLog, StepRecord
-from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW
+from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero, reshard_zero, zero_to_plain
 from omnicore_dist.schedule import LRSchedule, lr_at
 from omnicore_dist.train import BadStep, GradBuffer, part_of, recompute_spec, train_step
 
@@ -154,17 +154,22 @@ def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_optimizer_state(optimizer, state: Mapping[str, torch.Tensor]) -> None:
-    state = dict(state)
-    meta = state.pop("zero_meta", None)
+def _load_optimizer_state(optimizer, saved: Sequence[Mapping[str, torch.Tensor]], mesh: Mesh) -> None:
+    """Load a saved optimizer state into this run's optimizer, converting between plain AdamW and
+    ZeRO-1 shards of any data-parallel size (the per-parameter slicing makes that pure)."""
+    states = [dict(s) for s in saved]
+    metas = [json.loads(bytes(s.pop("zero_meta").tolist()).decode()) if "zero_meta" in s else None for s in states]
+    zero_saved = metas[0] is not None
     if isinstance(optimizer, ZeroAdamW):
-        if meta is None:
-            raise OptimStateError("the checkpoint holds a plain optimizer state; this run uses the distributed optimizer")
-        optimizer.load_state_dict(state, json.loads(bytes(meta.tolist()).decode()))
-    elif meta is not None:
-        raise OptimStateError("the checkpoint holds ZeRO optimizer shards; this run uses the plain optimizer")
+        if not zero_saved:
+            state, meta = plain_to_zero(states[0], mesh.dp, mesh.dp_rank)
+        elif len(states) == mesh.dp:
+            state, meta = states[mesh.dp_rank], metas[mesh.dp_rank]
+        else:
+            state, meta = reshard_zero(list(zip(states, metas)), mesh.dp)[mesh.dp_rank]
+        optimizer.load_state_dict(state, meta)
     else:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(zero_to_plain(list(zip(states, metas))) if zero_saved else states[0])
 
 
 def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None, dry_run: bool = False,
@@ -214,7 +219,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     if resume is not None:
         step, consumed = resume.step, int(resume.data_state.get("consumed_samples", 0))
         if resume.optimizer is not None:
-            _load_optimizer_state(optimizer, resume.optimizer)
+            _load_optimizer_state(optimizer, resume.optimizer, mesh)
         if resume.rng is not None:
             set_rng_state(resume.rng)
         log.message(f"resumed from {loaded.checkpoint.path} at step {step}, {consumed} samples consumed"

@@ -62,4 +62,3 @@ def test_warmup_fraction_is_a_fraction_of_decay_steps():
 def test_bad_schedules_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LRSchedule(**{**dict(lr=LR, decay_steps=100), **kwargs})
-    assert message

@@ -2,7 +2,7 @@
 convert to and from the plain state losslessly.
 
 Tolerances: across DP sizes the clip norm's partial sums are added in a different order, so parameters
-and fp32 state agree to 1e-6 relative (bf16 parameters to one bf16 ulp, rtol 2**-8); a resume under
+and fp32 state agree to 1e-6 relative (bf16 parameters to one bf16 ulp, rtol 2**-7); a resume under
 the same DP size repeats the same arithmetic and must be bit-identical.
 """
 
@@ -36,7 +36,7 @@ def _close(found: dict, expected: dict, *, what: str) -> None:
     for name, ref in expected.items():
         ours = found[name]
         if ref.dtype == torch.bfloat16:
-            torch.testing.assert_close(ours, ref, rtol=2**-8, atol=0, msg=lambda m: f"{what} {name}: {m}")
+            torch.testing.assert_close(ours, ref, rtol=2**-7, atol=0, msg=lambda m: f"{what} {name}: {m}")
         else:
             torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what} {name}: {m}")
 
@@ -102,6 +102,7 @@ def test_zero_resume_same_dp_is_bit_identical(dp2_run, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in b), "optimizer state differs after an exact resume"
 
 
+@pytest.mark.timeout(120)
 def test_zero_reshard_to_dp1_continues(dp2_run):
     params, shards, _ = _step_dir(dp2_run, K, 2)
     params = {n: p.requires_grad_(n != "lm_head.weight") for n, p in params.items()}

@@ -46,3 +46,24 @@ def test_dp2_equals_dp1_with_mixed_modalities(single, tiny_hf, tmp_path, zero):
     final = load_native(tmp_path / "dp2" / "run")[1]
     for k, v in params.items():  # within 2 % of one Adam step (see tests/train/test_golden.py)
         assert (final[k] - v).abs().max() <= 0.02 * LR, k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("zero_after", [True, False], ids=["zero_dp1", "plain_dp1"])
+def test_zero_shards_resume_under_another_dp_size(single, tiny_hf, tmp_path, zero_after):
+    """Two steps with ZeRO-1 on DP 2, saved; the third step on DP 1 (ZeRO or plain) matches."""
+    base = tmp_path / "dp2"
+    job = {"hf": str(tiny_hf), "base": str(base), "iters": ITERS, "stop_after": 2, "overrides": ["--parallel.distributed_optimizer=true"]}
+    launch(2, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / "logs")
+    assert (base / "run" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    import train_worker
+
+    (base / "resume.toml").write_text(train_worker.CONFIG.format(hf=base / "run", iters=ITERS))
+    cfg = load_run_config(base / "resume.toml", [f"--parallel.distributed_optimizer={'true' if zero_after else 'false'}"])
+    run(cfg, base=base, samples=train_worker.samples())
+    losses, params = single
+    assert _losses(base / "run") == pytest.approx(losses, rel=1e-6)
+    final = load_native(base / "run")[1]
+    for k, v in params.items():
+        assert (final[k] - v).abs().max() <= 0.02 * LR, k

@@ -1,7 +1,7 @@
 """One rank of a training run for the multi-process tests: `train_worker.py JOB_JSON`.
 
 JOB: hf (the HF folder), base (run base folder), overrides (run-config overrides), layout
-("mixed": ranks alternate text-only and image + audio micro-batches), iters."""
+("mixed": ranks alternate text-only and image + audio micro-batches), iters, stop_after (optional)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main(job: dict) -> None:
     base.mkdir(parents=True, exist_ok=True)
     (base / "run.toml").write_text(CONFIG.format(hf=job["hf"], iters=job["iters"]))
     cfg = load_run_config(base / "run.toml", job["overrides"])
-    run(cfg, base=base, samples=samples())
+    run(cfg, base=base, samples=samples(), stop_after=job.get("stop_after"))
 
 
 if __name__ == "__main__":
