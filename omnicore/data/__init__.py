@@ -10,9 +10,24 @@
         batch |= audio_inputs([decode_video_audio(f)], cfg)   # input_features, audio_feature_lengths
 
 Every refusal or decoding failure is a `MediaError` (name, reason, detail). See docs/data.md.
+
+Datasets, template and samples on top of it:
+
+    cfg = load_data_config("data.json")                      # MindSpeed-MM data.json -> DataConfig
+    convs = cfg.read_conversations()                          # train / val Conversations, DataStats
+    model = omnicore.load_config(cfg.model_name_or_path)
+    ctx = SampleContext.for_data(cfg, load_tokenizer(cfg.model_name_or_path), model)
+    sample = process_sample(convs.train[0], ctx)              # input_ids, labels, positions, media
+    omnicore.prepare_inputs(model, sample.batch())
+
+A bad record is a `BadSample` (problem, detail, where, id); a damaged file a `DataFormatError`.
 """
 
 from omnicore.data.audio import decode_audio, decode_video_audio, resample
+from omnicore.data.config import DataConfig, DataConfigError, IgnoredFieldWarning, from_mindspeed, load_data_config
+from omnicore.data.datasets import Conversations, DatasetSpec, load_conversations, split_validation, weighted
+from omnicore.data.errors import BadSample, DataFormatError, DataStats, MediaLimitError, Problem
+from omnicore.data.formats import LLAVA, MLLM, Attr, Conversation, Turn, iter_records, parse_record, read_dataset
 from omnicore.data.image import decode_image
 from omnicore.data.media import MediaError, MediaLimits, MediaRoots, Reason
 from omnicore.data.processor import (
@@ -25,6 +40,16 @@ from omnicore.data.processor import (
     smart_resize,
     video_inputs,
 )
+from omnicore.data.length import LengthPolicy
+from omnicore.data.sample import Sample, SampleContext, iter_samples, process_sample
+from omnicore.data.template import (
+    DEFAULT_SYSTEM_PROMPT,
+    OMNI_SYSTEM_PROMPT,
+    MediaShapes,
+    TemplateConfig,
+    encode_conversation,
+)
+from omnicore.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from omnicore.data.video import VideoFrames, decode_video, video_from_frames
 
 __all__ = [
@@ -47,4 +72,40 @@ __all__ = [
     "video_inputs",
     "audio_features",
     "audio_inputs",
+    "Attr",
+    "LLAVA",
+    "MLLM",
+    "Turn",
+    "Conversation",
+    "iter_records",
+    "parse_record",
+    "read_dataset",
+    "DatasetSpec",
+    "Conversations",
+    "load_conversations",
+    "split_validation",
+    "weighted",
+    "DataConfig",
+    "DataConfigError",
+    "IgnoredFieldWarning",
+    "from_mindspeed",
+    "load_data_config",
+    "Problem",
+    "BadSample",
+    "DataFormatError",
+    "MediaLimitError",
+    "DataStats",
+    "Tokenizer",
+    "TokenizerError",
+    "load_tokenizer",
+    "TemplateConfig",
+    "MediaShapes",
+    "encode_conversation",
+    "DEFAULT_SYSTEM_PROMPT",
+    "OMNI_SYSTEM_PROMPT",
+    "LengthPolicy",
+    "SampleContext",
+    "Sample",
+    "process_sample",
+    "iter_samples",
 ]
