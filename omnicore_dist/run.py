@@ -16,6 +16,7 @@ from pathlib import Path
 
 import attrs
 import torch
+from tqdm import tqdm
 
 from omnicore.checkpoint.commit import META, TRACKER
 from omnicore.checkpoint.convert import native_to_hf, side_files
@@ -24,7 +25,12 @@ from omnicore.checkpoint.native import NativeCheckpoint
 from omnicore.config import ConfigError as ModelConfigError
 from omnicore.config import ThinkerConfig
 from omnicore.data.collate import collate_packed
+from omnicore.data.config import DataConfigError, load_data_config
+from omnicore.data.errors import DataFormatError, DataStats
+from omnicore.data.length import LengthPolicy
+from omnicore.data.sample import SampleContext, iter_samples
 from omnicore.data.sampler import StepSampler
+from omnicore.data.tokenizer import Tokenizer, load_tokenizer
 from omnicore.layout import Layout, LayoutError
 from omnicore.models.thinker import param_shapes
 from omnicore.ops import resolve
@@ -39,7 +45,8 @@ from omnicore_dist.train import BadStep, GradBuffer, part_of, recompute_spec, tr
 
 __all__ = ["run", "run_from_file", "Loaded", "load_model", "plan_lines", "memory_estimate", "RUN_ERRORS"]
 
-RUN_ERRORS = (ConfigError, ModelConfigError, CheckpointError, LayoutError, MeshError, OptimStateError, FileExistsError, FileNotFoundError)
+RUN_ERRORS = (ConfigError, ModelConfigError, CheckpointError, LayoutError, MeshError, OptimStateError, DataConfigError,
+              DataFormatError, FileExistsError, FileNotFoundError)  # fmt: skip
 # Parts' parameter prefixes, most specific first (the first matching rule wins).
 _PART_PATTERNS = {"vision_merger": r"^vision\.merger\.", "vision": r"^vision\.", "audio_proj": r"^audio\.proj\.", "audio": r"^audio\.", "llm": r"^(text\.|lm_head\.)"}
 
@@ -73,6 +80,34 @@ def load_model(cfg: RunConfig, base: Path, *, device: torch.device, dtype: torch
     params = {k: v.to(device) for k, v in ckpt.params(dtype).items()}
     hf_dir = cfg.checkpoint.hf_dir or ckpt.meta.get("source", {}).get("hf_dir")
     return Loaded(ckpt.cfg, ckpt.meta["hf_config"], params, _path(base, hf_dir) if hf_dir else None, ckpt.hf_files(), ckpt)
+
+
+def tokenizer_folder(loaded: Loaded, data_model_path: Path | None) -> Path:
+    """Where the tokenizer lives: the data config's `model_name_or_path` (MindSpeed keeps the original
+    HF folder there), else the HF folder the model came from, else the checkpoint's copied `hf/` files."""
+    for folder in (data_model_path, loaded.hf_dir):
+        if folder is not None and folder.is_dir():
+            return folder
+    if loaded.hf_files:
+        return next(iter(loaded.hf_files.values())).parent
+    raise ConfigError("no tokenizer: set data.config's model_name_or_path or load from an HF folder")
+
+
+def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, show_progress: bool) -> tuple[list[dict], DataStats, Tokenizer]:
+    """Read and process `data.config`'s training samples (the thinker's collate format)."""
+    if not cfg.data.config:
+        raise ConfigError("data.config is empty: name a data config (MindSpeed data.json)")
+    dcfg = load_data_config(_path(base, cfg.data.config), length=LengthPolicy(max_seq_len=cfg.data.seq_length), seed=cfg.data.seed)
+    tokenizer = load_tokenizer(tokenizer_folder(loaded, dcfg.model_name_or_path))
+    tokenizer.check_config(loaded.cfg)
+    convs = dcfg.read_conversations()
+    ctx = SampleContext.for_data(dcfg, tokenizer, loaded.cfg)
+    stats = convs.stats
+    items = tqdm(convs.train, desc="processing samples", unit="sample", disable=None if show_progress else True, file=sys.stderr)
+    samples = [s.to_dict() for s in iter_samples(items, ctx, stats, on_bad_sample=dcfg.on_bad_sample)]
+    if not samples:
+        raise ConfigError(f"data.config: no usable sample ({stats.dropped} dropped)\n{stats.report()}")
+    return samples, stats, tokenizer
 
 
 def _device(mesh: Mesh) -> torch.device:
@@ -186,13 +221,15 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by data.micro_batch_size "
             f"{cfg.data.micro_batch_size} x data-parallel size {mesh.dp}"
         )
-    if samples is None:
-        raise ConfigError("data: no samples (pass processed samples, or set data.config once the data pipeline reads it)")
     torch.manual_seed(cfg.train.seed)
     device = _device(mesh)
     ops = resolve(cfg.ops.backend, device)
     dtype = _dtype(cfg.model.dtype, device)
     loaded = load_model(cfg, base, device=device, dtype=dtype)
+    stats = DataStats()
+    if samples is None:
+        samples, stats, tokenizer = load_samples(cfg, base, loaded, show_progress=mesh.is_main and cfg.log.progress)
+        decode = decode or tokenizer.decode
     frozen = set(cfg.model.freeze)
     # One canonical parameter order (the model definition's), whatever the checkpoint's file order:
     # sums over parameters (gradient norm) must not depend on where the weights came from.
@@ -262,7 +299,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             log.step(StepRecord(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
                                 tokens=result.tokens, samples=result.samples, modality_tokens=result.modality_tokens,
                                 step_seconds=time.perf_counter() - started, data_seconds=data_seconds, devices=mesh.world,
-                                skipped=not result.applied, flops=result.flops * mesh.dp,
+                                skipped=not result.applied, flops=result.flops * mesh.dp, data_stats=_stat_counts(stats),
                                 peak_flops_per_device=cfg.log.peak_tflops * 1e12))  # fmt: skip
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < last:
                 last_saved = save(step)
@@ -280,6 +317,10 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         log.message(f"exported the final model to {out}")
     log.close()
     return summary | {"run_dir": str(run_dir), "step": step}
+
+
+def _stat_counts(stats: DataStats) -> dict[str, int]:
+    return {k: v for k, v in stats.counts.items() if k.startswith("dropped") or "truncated" in k}
 
 
 def run_from_file(path: str, overrides: Sequence[str], *, dry_run: bool = False) -> int:
