@@ -28,11 +28,11 @@ import soundfile as sf
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers, trainers
 
 import omnicore
 from omnicore.checkpoint.hf import params_to_hf
-from omnicore.data.tokenizer import QWEN2_PATTERN
+from omnicore.data.tokenizer import qwen2_bpe
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
 TONES = {"low": 220.0, "high": 1760.0}
@@ -168,19 +168,14 @@ def corpus(llava: list[dict], mllm: list[dict]) -> list[str]:
 
 def write_tokenizer(folder: Path, texts: list[str]) -> None:
     """A byte-level BPE (Qwen2's pre-tokenizer) with exactly BASE_VOCAB entries, then the specials."""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=BASE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                           show_progress=False))  # fmt: skip
-    model = json.loads(tok.to_str())["model"]
+    trainer = trainers.BpeTrainer(vocab_size=BASE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    untrained = qwen2_bpe({}, [])
+    untrained.train_from_iterator(texts * 4, trainer)
+    model = json.loads(untrained.to_str())["model"]
     vocab = dict(model["vocab"])
     for i in range(BASE_VOCAB - len(vocab)):  # unreachable fillers so the specials start at BASE_VOCAB
         vocab[f"zzfill{i:03d}"] = len(vocab)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tok.model = models.BPE(vocab=vocab, merges=merges, fuse_unk=False)
+    tok = qwen2_bpe(vocab, [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]])
     tok.add_special_tokens(list(SPECIAL))
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
