@@ -12,7 +12,6 @@ import datetime
 import os
 
 import attrs
-import torch
 import torch.distributed as dist
 
 __all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed"]
@@ -64,7 +63,9 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        from omnicore_dist.env import accelerator
+
+        backend = {"npu": "hccl", "cuda": "nccl"}.get(accelerator(), "gloo")
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
 
