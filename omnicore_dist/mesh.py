@@ -14,6 +14,8 @@ import os
 import attrs
 import torch.distributed as dist
 
+from omnicore_dist.env import accelerator
+
 __all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed"]
 
 
@@ -63,8 +65,6 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        from omnicore_dist.env import accelerator
-
         backend = {"npu": "hccl", "cuda": "nccl"}.get(accelerator(), "gloo")
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
