@@ -11,6 +11,7 @@ import platform
 import statistics
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,3 +61,64 @@ def write_record(name: str, record: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **record}, indent=2))
     return path
+
+
+THRESHOLDS = Path(__file__).with_name("thresholds.toml")
+
+
+def thresholds(section: str) -> dict[str, float]:
+    """The speed-ratio gates of one benchmark, from benches/thresholds.toml (the one file that holds them)."""
+    with THRESHOLDS.open("rb") as f:
+        return tomllib.load(f)[section]
+
+
+def check_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 0.0, what: str = "") -> dict[str, float]:
+    """Assert |got - want| <= atol + rtol * |want| (the correctness check that precedes any timing).
+
+    Returns the max and mean absolute difference, which the failure message also prints.
+    """
+    diff = (got.double() - want.double()).abs()
+    stats = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item()}
+    ok = bool((diff <= atol + rtol * want.double().abs()).all())
+    assert ok, (
+        f"{what}: max abs diff {stats['max_abs_diff']:.3g}, mean {stats['mean_abs_diff']:.3g} (atol {atol:.3g}, rtol {rtol:.3g})"
+    )
+    return stats
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def gate(summary: dict[str, float], threshold: float, *, quick: bool, what: str, within_noise: bool = False) -> None:
+    """Assert the median speed ratio reaches `threshold`; with --bench-quick (CI) only correctness is asserted.
+
+    `within_noise` is the reading of a "not slower" gate: the median may fall short of the threshold
+    by half the interquartile range of the per-round ratios (slower by more than the noise fails).
+    """
+    if quick:
+        return
+    slack = summary["iqr"] / 2 if within_noise else 0.0
+    assert summary["median"] + slack >= threshold, (
+        f"{what}: median speed ratio {summary['median']:.3f} < {threshold}{' - IQR / 2' if within_noise else ''} "
+        f"(min {summary['min']:.3f}, max {summary['max']:.3f}, IQR {summary['iqr']:.3f})"
+    )
+
+
+CONFIG_7B = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hf_configs" / "qwen2_5_omni_7b.json"
+
+
+def omni_7b():
+    """The published Qwen2.5-Omni-7B thinker config (the shapes the op benchmarks use)."""
+    from omnicore.config import load_config
+
+    return load_config(CONFIG_7B)
+
+
+def forward_backward(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> Callable[[], tuple]:
+    """A timing closure for one training step of `fn`: forward, then the gradients of every input."""
+
+    def step():
+        return torch.autograd.grad(fn(*inputs), inputs, grad_out)
+
+    return step

@@ -5,8 +5,10 @@
     rms_norm(x, weight, eps)
     swiglu(gate, up)
 
-`resolve(name, device)` picks an `Ops` bundle once per run (`auto` goes by device type); model
-functions receive it as the keyword `ops` and never consult a global. `ref` is the oracle.
+`resolve(name, device)` picks an `Ops` bundle once per run (`auto` goes by device type: npu,
+cuda, else cpu); model functions receive it as the keyword `ops` and never consult a global.
+`ref` is the oracle every backend is tested against. Optional kernels (torch_npu, flash-attn) are
+imported by `resolve` and the functions that call them, never when this package is imported.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from collections.abc import Callable
 import attrs
 import torch
 
-from omnicore.ops import cpu, ref
+from omnicore.ops import cpu, cuda, npu, ref
 from omnicore.ops.segments import LengthBucket, Segments
 
-__all__ = ["Ops", "REF", "CPU", "BACKEND_NAMES", "resolve", "Segments", "LengthBucket"]
+__all__ = ["Ops", "REF", "CPU", "CUDA", "CUDA_FLASH", "NPU", "BACKEND_NAMES", "resolve", "Segments", "LengthBucket"]
 
 
 @attrs.frozen
@@ -36,14 +38,34 @@ class Ops:
 REF = Ops(name="ref", attention=ref.attention, apply_rope=ref.apply_rope, rms_norm=ref.rms_norm, swiglu=ref.swiglu)
 # SDPA-based; runs on any device torch supports, so it is also the fallback for `auto`.
 CPU = Ops(name="cpu", attention=cpu.attention, apply_rope=cpu.apply_rope, rms_norm=cpu.rms_norm, swiglu=cpu.swiglu)
+CUDA = Ops(name="cuda", attention=cpu.attention, apply_rope=cpu.apply_rope, rms_norm=cuda.rms_norm, swiglu=cpu.swiglu)
+CUDA_FLASH = attrs.evolve(CUDA, name="cuda+flash-attn", attention=cuda.attention)
+NPU = Ops(name="npu", attention=npu.attention, apply_rope=npu.apply_rope, rms_norm=npu.rms_norm, swiglu=npu.swiglu)
 
-BACKEND_NAMES = ("auto", "cpu", "ref")
+BACKEND_NAMES = ("auto", "npu", "cuda", "cpu", "ref")
 
 
 def resolve(name: str = "auto", device: torch.device | str | None = None) -> Ops:
-    """The backend called `name`; `auto` chooses by device type (the SDPA backend everywhere today)."""
+    """The backend called `name`, once per run; `auto` picks by the device type of the tensors.
+
+    `auto`: npu -> `npu`, cuda -> `cuda`, anything else (or no device) -> `cpu`. `npu` imports
+    torch_npu here and fails with the install command when it is missing; `cuda` uses flash-attn's
+    varlen kernel when it imports, the SDPA path otherwise (the name says which).
+    """
     if name not in BACKEND_NAMES:
         raise ValueError(f"ops.backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
-    if name == "ref":
-        return REF
-    return CPU
+    if name == "auto":
+        name = {"npu": "npu", "cuda": "cuda"}.get(_device_type(device), "cpu")
+    if name == "npu":
+        npu.require()
+        return NPU
+    if name == "cuda":
+        return CUDA_FLASH if cuda.flash_attn_available() else CUDA
+    return REF if name == "ref" else CPU
+
+
+def _device_type(device: torch.device | str | None) -> str:
+    # A string is read without torch.device(): "npu" only parses once torch_npu is loaded.
+    if device is None:
+        return "cpu"
+    return device.type if isinstance(device, torch.device) else str(device).split(":")[0]

@@ -22,12 +22,19 @@ class LengthBucket:
     """All segments of one length: `count` segments of `length` tokens.
 
     `index` lists their tokens segment by segment, shape (count * length,); it is None when the
-    bucket is the whole (contiguous) token range, so a plain view suffices.
+    segments are back to back from token `start` (always so for a single segment, or when every
+    segment has this length), so a plain slice suffices and nothing is gathered.
     """
 
     length: int
     count: int
     index: torch.Tensor | None
+    start: int = 0
+
+    @property
+    def tokens(self) -> slice:
+        """The token range of a contiguous bucket (`index` None)."""
+        return slice(self.start, self.start + self.count * self.length)
 
 
 @attrs.frozen
@@ -64,11 +71,12 @@ class Segments:
             by_length.setdefault(n, []).append(start)
         buckets = []
         for n, seg_starts in sorted(by_length.items()):
-            if len(by_length) == 1:
-                index = None  # one length: segments tile the whole range contiguously
-            else:
-                first = torch.tensor(seg_starts, dtype=torch.long, device=device)
-                index = (first[:, None] + torch.arange(n, device=device)).reshape(-1)
+            if all(b - a == n for a, b in zip(seg_starts, seg_starts[1:])):
+                # Back to back (one length overall, a lone segment, a run of full windows): a slice.
+                buckets.append(LengthBucket(length=n, count=len(seg_starts), index=None, start=seg_starts[0]))
+                continue
+            first = torch.tensor(seg_starts, dtype=torch.long, device=device)
+            index = (first[:, None] + torch.arange(n, device=device)).reshape(-1)
             buckets.append(LengthBucket(length=n, count=len(seg_starts), index=index))
         return cls(cu_seqlens=cu, lengths=lengths, buckets=tuple(buckets))
 
