@@ -2,8 +2,11 @@
 
 Megatron's f / g pair: `enter_tp` marks the input of a column-parallel region (identity forward,
 all-reduce of the gradient backward) and `exit_tp` the output of a row-parallel region (all-reduce
-forward, identity backward). `LOCAL` is the single-process identity, so the pure core runs with no
-setup; `omnicore_dist` passes an implementation bound to explicit process groups.
+forward, identity backward). The vocabulary is split too: `vocab_cross_entropy` takes this rank's
+slice of the logits (K, V / tp) and returns the per-target loss (K,) without ever forming the full
+logits; `gather_vocab` joins the slices when full logits are wanted (inspection, decoding).
+`LOCAL` is the single-process identity, so the pure core runs with no setup; `omnicore_dist` passes
+an implementation bound to explicit process groups.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ class Comm(Protocol):
 
     def exit_tp(self, y: torch.Tensor) -> torch.Tensor: ...
 
+    def vocab_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor: ...
+
 
 @attrs.frozen
 class LocalComm:
@@ -38,6 +45,13 @@ class LocalComm:
 
     def exit_tp(self, y: torch.Tensor) -> torch.Tensor:
         return y
+
+    def vocab_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target cross-entropy (K,) in fp32 (HF upcasts the logits the same way)."""
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
 
 LOCAL = LocalComm()

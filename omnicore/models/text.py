@@ -18,7 +18,17 @@ from omnicore.models.recompute import run_layer
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
 
-__all__ = ["text_param_shapes", "text_tp_plan", "mrope_tables", "text_embed", "text_block", "text_layers", "text_head"]
+__all__ = [
+    "text_param_shapes",
+    "text_tp_plan",
+    "mrope_tables",
+    "text_embed",
+    "text_block",
+    "text_qkv",
+    "text_block_rest",
+    "text_layers",
+    "text_head",
+]
 
 
 def text_param_shapes(cfg: TextConfig) -> Shapes:
@@ -78,9 +88,19 @@ def mrope_tables(cfg: TextConfig, positions: torch.Tensor, dtype: torch.dtype) -
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def text_embed(params: Params, input_ids: torch.Tensor) -> torch.Tensor:
-    """(N,) token ids -> (N, C) embeddings; params relative to "text."."""
-    return F.embedding(input_ids, params["embed.weight"])
+def text_embed(params: Params, input_ids: torch.Tensor, *, comm: Comm = LOCAL) -> torch.Tensor:
+    """(N,) token ids -> (N, C) embeddings; params relative to "text.".
+
+    Vocab parallel under TP: this rank holds rows [rank * V_local, (rank + 1) * V_local); ids outside
+    them embed to zero here and the ranks' partial embeddings are summed (`exit_tp`).
+    """
+    weight = params["embed.weight"]
+    if comm.tp_size == 1:
+        return F.embedding(input_ids, weight)
+    local = input_ids - comm.tp_rank * weight.shape[0]
+    mine = (local >= 0) & (local < weight.shape[0])
+    partial = F.embedding(local.clamp(0, weight.shape[0] - 1), weight) * mine[:, None].to(weight.dtype)
+    return comm.exit_tp(partial)
 
 
 def text_block(
@@ -94,15 +114,36 @@ def text_block(
     comm: Comm = LOCAL,
 ) -> torch.Tensor:
     """One decoder layer on (N, C); params relative to "text.layers.{i}."."""
+    q, k, v = text_qkv(params, cfg, x, rope, ops=ops, comm=comm)
+    a = ops.attention(q, k, v, segments, causal=True)
+    return text_block_rest(params, cfg, x, a, ops=ops, comm=comm)
+
+
+def text_qkv(
+    params: Params, cfg: TextConfig, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], *, ops: Ops, comm: Comm = LOCAL
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention half's inputs of one layer: RMSNorm, q / k / v projections and M-RoPE.
+
+    x (N, C) -> q (N, H_local, D), k and v (N, Hkv_local, D). Shared by `text_block` and the
+    decoder of omnicore.models.decode, which writes k / v into its cache between the halves.
+    """
     n, d = x.shape[0], cfg.head_dim
     h = comm.enter_tp(ops.rms_norm(x, params["attn_norm.weight"], cfg.rms_eps))
     q = F.linear(h, params["attn.q.weight"], params["attn.q.bias"]).view(n, -1, d)
     k = F.linear(h, params["attn.k.weight"], params["attn.k.bias"]).view(n, -1, d)
     v = F.linear(h, params["attn.v.weight"], params["attn.v.bias"]).view(n, -1, d)
     cos, sin = rope
-    q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-    a = ops.attention(q, k, v, segments, causal=True).reshape(n, -1)
-    x = x + row_linear(a, params["attn.o.weight"], comm=comm)
+    return ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin), v
+
+
+def text_block_rest(
+    params: Params, cfg: TextConfig, x: torch.Tensor, a: torch.Tensor, *, ops: Ops, comm: Comm = LOCAL
+) -> torch.Tensor:
+    """The rest of a layer after attention: output projection and residual, then the MLP half.
+
+    x (N, C) the layer's input, a (N, H_local, D) the attention output -> (N, C).
+    """
+    x = x + row_linear(a.reshape(x.shape[0], -1), params["attn.o.weight"], comm=comm)
     h = comm.enter_tp(ops.rms_norm(x, params["mlp_norm.weight"], cfg.rms_eps))
     m = ops.swiglu(F.linear(h, params["mlp.gate.weight"]), F.linear(h, params["mlp.up.weight"]))
     return x + row_linear(m, params["mlp.down.weight"], comm=comm)
@@ -127,7 +168,7 @@ def text_layers(
     return x
 
 
-def text_head(params: Params, cfg: TextConfig, x: torch.Tensor, lm_head: torch.Tensor, *, ops: Ops) -> torch.Tensor:
-    """Final RMSNorm and the vocabulary projection: (N, C) -> (N, V)."""
-    return F.linear(ops.rms_norm(x, params["norm.weight"], cfg.rms_eps), lm_head)
+def text_head(params: Params, cfg: TextConfig, x: torch.Tensor, lm_head: torch.Tensor, *, ops: Ops, comm: Comm = LOCAL) -> torch.Tensor:
+    """Final RMSNorm and the vocabulary projection: (N, C) -> (N, V / tp), this rank's vocab slice."""
+    return F.linear(comm.enter_tp(ops.rms_norm(x, params["norm.weight"], cfg.rms_eps)), lm_head)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from omnicore.comm import LOCAL, Comm
 from omnicore.config import ThinkerConfig
@@ -236,7 +235,7 @@ def embed_inputs(
     params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL, recompute: Recompute = NO_RECOMPUTE
 ) -> torch.Tensor:
     """Token embeddings with every placeholder replaced by its encoder feature: (N, C)."""
-    x = text_embed(select(params, "text."), inputs.input_ids)
+    x = text_embed(select(params, "text."), inputs.input_ids, comm=comm)
     if inputs.audios is not None:
         feats = audio_encoder(
             select(params, "audio."), cfg.audio, inputs.audios.values, inputs.audios.layout, ops=ops, comm=comm, recompute=recompute.audio
@@ -272,7 +271,7 @@ def thinker_logits(
     inputs = _as_inputs(cfg, batch)
     ops = ops or resolve("auto", inputs.input_ids.device)
     h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm)
-    logits = text_head(select(params, "text."), cfg.text, h, params["lm_head.weight"], ops=ops)
+    logits = comm.gather_vocab(text_head(select(params, "text."), cfg.text, h, params["lm_head.weight"], ops=ops, comm=comm))
     if inputs.rows is None:
         return logits[None]
     b, t = inputs.batch_shape
@@ -297,8 +296,8 @@ def thinker_token_losses(
     ops = ops or resolve("auto", inputs.input_ids.device)
     h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm, recompute=recompute)
     keep = (inputs.targets != IGNORE_INDEX).nonzero().squeeze(1)
-    logits = text_head(select(params, "text."), cfg.text, h[keep], params["lm_head.weight"], ops=ops)
-    losses = F.cross_entropy(logits.float(), inputs.targets[keep], reduction="none")
+    logits = text_head(select(params, "text."), cfg.text, h[keep], params["lm_head.weight"], ops=ops, comm=comm)
+    losses = comm.vocab_cross_entropy(logits, inputs.targets[keep])
     return losses, inputs.segments.segment_ids()[keep]
 
 

@@ -19,14 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, args: list[str], logs: Path, *, timeout: float = 240) -> None:
+def launch(world: int, args: list[str], logs: Path, *, timeout: float = 240, extra_paths: list[str] = ()) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT / "tests" / "data"),
-                   str(ROOT / "tests" / "train"), str(ROOT / "examples")]))  # fmt: skip
+                   str(ROOT / "tests" / "train"), str(ROOT / "examples"), *extra_paths]))  # fmt: skip
         out = open(logs / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT), out))
     deadline = time.monotonic() + timeout

@@ -1,0 +1,83 @@
+"""Tensor parallelism in the runtime: shard the model for this rank, and keep gradients right.
+
+With Megatron's f / g pair every rank already gets the full gradient of a replicated parameter
+(norms, row-parallel biases, the convs) and its own slice's gradient of a split one. One case needs
+communication: GQA k / v heads replicated because the TP size exceeds them (`replicate_short`);
+each copy sees only its ranks' query heads, so the copies' gradients are summed. For the global
+norm every parameter must count once: split slices are summed over the group, replicated tensors
+weighted by 1 / (number of copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from omnicore.config import ThinkerConfig
+from omnicore.layout import Split, rule_for, shard, tower_of, unshard_tensors
+from omnicore.models.thinker import tp_plans
+
+__all__ = ["GradRole", "grad_roles", "shard_for_rank", "sum_replicated_kv", "norm_weights", "gather_full"]
+
+
+@attrs.frozen
+class GradRole:
+    """How a local gradient relates across the TP group: `copies` ranks hold the same tensor;
+    `blocks` > 0 means kv-head copies (rank r holds block r // copies of `blocks`)."""
+
+    copies: int
+    blocks: int = 0
+
+
+def _role(split: Split | None, size: int) -> GradRole:
+    if split is None:
+        return GradRole(copies=size)
+    if split.replicate_short and split.units and size > split.units:
+        return GradRole(copies=size // split.units, blocks=split.units)
+    return GradRole(copies=1)
+
+
+def grad_roles(cfg: ThinkerConfig, names, size: int) -> dict[str, GradRole]:
+    plans = tp_plans(cfg)
+    return {n: _role(rule_for(n, plans[tower_of(n)]), size) for n in names}
+
+
+def shard_for_rank(cfg: ThinkerConfig, params: Mapping[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
+    """This rank's pieces of full parameters (contiguous copies, so the full tensors can be freed)."""
+    plans = tp_plans(cfg)
+    out = {}
+    for tower, plan in plans.items():
+        local = shard({k: v for k, v in params.items() if tower_of(k) == tower}, plan, rank, size)
+        out |= {k: v.contiguous().clone() if size > 1 else v for k, v in local.items()}
+    return {k: out[k] for k in params}
+
+
+def sum_replicated_kv(grads: Mapping[str, torch.Tensor], roles: Mapping[str, GradRole], *, rank: int, group) -> None:
+    """In place: each kv-head copy's gradient becomes the sum over the ranks holding that head."""
+    for name, role in roles.items():
+        if not role.blocks or name not in grads:
+            continue
+        g = grads[name]
+        slots = torch.zeros(role.blocks, *g.shape, dtype=g.dtype, device=g.device)
+        slots[rank // role.copies] = g
+        dist.all_reduce(slots, group=group)
+        g.copy_(slots[rank // role.copies])
+
+
+def norm_weights(roles: Mapping[str, GradRole]) -> dict[str, float]:
+    """Per tensor weight of its squared norm so the TP-summed total counts every element once."""
+    return {n: 1.0 / r.copies for n, r in roles.items()}
+
+
+def gather_full(cfg: ThinkerConfig, local: Mapping[str, torch.Tensor], *, size: int, group) -> dict[str, torch.Tensor]:
+    """Full tensors from every TP rank's pieces (collective; for saving and tests)."""
+    plans = tp_plans(cfg)
+    out = {}
+    for name, piece in local.items():
+        parts = [torch.empty_like(piece) for _ in range(size)]
+        dist.all_gather(parts, piece.detach().contiguous(), group=group)
+        out[name] = unshard_tensors(parts, rule_for(name, plans[tower_of(name)]), name)
+    return out
