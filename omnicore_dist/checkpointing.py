@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 
 from omnicore.checkpoint.commit import META, StepWriter, read_tracker, step_dirname
-from omnicore.checkpoint.hf import CheckpointError
-from omnicore.checkpoint.native import DictSource, NativeCheckpoint, native_meta, write_model_files
+from omnicore.checkpoint.native import NativeCheckpoint, native_meta, write_rank_files
 from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
 from omnicore.config import ThinkerConfig
 from omnicore.layout import Layout
@@ -57,7 +56,7 @@ class SaveRequest:
     cfg: ThinkerConfig
     hf_config: Mapping
     layout: Layout
-    params: Mapping[str, torch.Tensor]  # full-precision weights to save (master copies when they exist)
+    params: Mapping[str, torch.Tensor]  # this TP rank's pieces of the weights, in the layout's sharding
     optimizer: Callable[[], Mapping[str, torch.Tensor]] | None  # None: --no-save-optim
     zero_sharded: bool  # optimizer state differs per DP rank (ZeRO-1): every rank writes its own
     save_rng: bool
@@ -74,14 +73,14 @@ def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
     tmp = req.root / f".tmp-{step_dirname(req.step)}"
     mine: list[tuple[str, str, int]] = []
     if req.save_rng:
-        mine.append(_write_tensors(tmp / f"rng-dp{mesh.dp_rank:02d}.safetensors", rng_state()))
-    if req.optimizer is not None and (req.zero_sharded or mesh.is_main):
-        name = f"optim-dp{mesh.dp_rank:02d}.safetensors" if req.zero_sharded else "optim.safetensors"
-        mine.append(_write_tensors(tmp / name, req.optimizer()))
+        mine.append(_write_tensors(tmp / _rank_file("rng", mesh.tp_rank, mesh.dp_rank), rng_state()))
+    if req.optimizer is not None and (req.zero_sharded or mesh.dp_rank == 0):
+        mine.append(_write_tensors(tmp / _rank_file("optim", mesh.tp_rank, mesh.dp_rank if req.zero_sharded else None), req.optimizer()))
+    if mesh.dp_rank == 0:  # each TP rank writes its own pieces of the model; DP replicas write nothing
+        mine += write_rank_files(tmp, req.cfg, req.layout, req.params, mesh.tp_rank)
     records = _gather(mine, mesh)
     out = None
     if mesh.is_main:
-        write_model_files(step, req.cfg, req.layout, DictSource(req.params))
         step.write_text("data.json", json.dumps(dict(req.data_state), indent=2))
         step.write_text("run_config.toml", req.run_config)
         for name, path in req.hf_files.items():
@@ -93,12 +92,17 @@ def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
             "kind": "training",
             "lacks": lacks,
             "dp_size": mesh.dp,
+            "tp_size": mesh.tp,
             "zero_sharded": req.zero_sharded,
         })  # fmt: skip
         out = step.commit(meta)
         rotate(req.root, req.keep_last)
     _barrier(mesh)
     return out
+
+
+def _rank_file(kind: str, tp_rank: int, dp_rank: int | None) -> str:
+    return f"{kind}-tp{tp_rank:02d}" + (f"-dp{dp_rank:02d}" if dp_rank is not None else "") + ".safetensors"
 
 
 def _barrier(mesh: Mesh) -> None:
@@ -131,7 +135,7 @@ class Resume:
 
     step: int
     data_state: Mapping
-    optimizer: Sequence[Mapping[str, torch.Tensor]] | None  # one state, or every ZeRO rank's shard
+    optimizer: Sequence[Sequence[Mapping[str, torch.Tensor]]] | None  # [tp rank][ZeRO dp shard] states
     rng: Mapping[str, torch.Tensor] | None
     inexact: tuple[str, ...]  # what is missing, for the warning
 
@@ -144,14 +148,13 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
     inexact = list(meta.get("lacks", []))
     optimizer = None
     if "optimizer" not in inexact and load_optim:
-        if meta.get("zero_sharded"):  # every shard: the run may use another DP size, or no ZeRO
-            optimizer = [_read_all(ckpt.path / f"optim-dp{r:02d}.safetensors") for r in range(int(meta["dp_size"]))]
-        else:
-            optimizer = [_read_all(ckpt.path / "optim.safetensors")]
+        tp, dp, zero = int(meta.get("tp_size", 1)), int(meta["dp_size"]), bool(meta.get("zero_sharded"))
+        optimizer = [[_read_all(ckpt.path / _rank_file("optim", t, d if zero else None)) for d in (range(dp) if zero else [None])]
+                     for t in range(tp)]  # fmt: skip
     elif not load_optim:
         inexact.append("optimizer (load_optim = false)")
     rng = None
-    rng_file = ckpt.path / f"rng-dp{mesh.dp_rank:02d}.safetensors"
+    rng_file = ckpt.path / _rank_file("rng", mesh.tp_rank, mesh.dp_rank)
     if "rng" not in inexact and load_rng and rng_file.exists():
         rng = _read_all(rng_file)
     elif load_rng and "rng" not in inexact:

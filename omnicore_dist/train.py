@@ -12,22 +12,23 @@ every rank alike) and clipped, and the optimizer updates the trainable parameter
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
 import torch.distributed as dist
 
+from omnicore.comm import LOCAL
 from omnicore.config import ThinkerConfig
 from omnicore.models.recompute import Recompute
 from omnicore.models.thinker import IGNORE_INDEX, ThinkerInputs, prepare_inputs, thinker_token_losses
 from omnicore.ops import Ops
 from omnicore.params import Params
 from omnicore_dist.mesh import Mesh
-from omnicore_dist.optim import ZeroAdamW, all_reduce_sum, clip_grad_norm_
+from omnicore_dist.optim import ZeroAdamW
+from omnicore_dist.tp import GradRole, sum_replicated_kv
 
-__all__ = ["part_of", "model_flops", "GradBuffer", "StepResult", "BadStep", "train_step", "recompute_spec"]
+__all__ = ["part_of", "model_flops", "GradBuffer", "StepResult", "BadStep", "TPState", "global_norm", "train_step", "recompute_spec"]
 
 _BUCKET_BYTES = 32 * 2**20
 
@@ -174,28 +175,57 @@ def _objective(losses: torch.Tensor, sample_ids: torch.Tensor, mode: str, totals
     return (per_sample / counts).sum() / max(samples, 1.0)
 
 
-def _update(optimizer, grads: GradBuffer, mesh: Mesh, *, clip_grad: float, lr: float, loss: float, allow_skip: bool) -> tuple[float, bool]:
-    """Reduce gradients over DP, measure / clip the global norm, step unless something is non-finite.
+def global_norm(grads: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None, groups: Sequence) -> torch.Tensor:
+    """L2 norm over every parameter's gradient once: squares accumulated in fp32, each tensor's
+    weighted by `weights` (1 / its TP copies), summed over `groups` (TP, and DP for ZeRO slices)."""
+    tensors = list(grads.values())
+    if tensors:
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        w = torch.tensor([weights[n] for n in grads], dtype=torch.float32) if weights else torch.ones(len(tensors))
+        sq = (norms.square() * w.to(norms.device)).sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float32)
+    for group in groups:
+        dist.all_reduce(sq, group=group)
+    return sq.sqrt()
+
+
+def _update(optimizer, grads: GradBuffer, mesh: Mesh, tp: TPState | None, *, clip_grad: float, lr: float, loss: float,
+            allow_skip: bool) -> tuple[float, bool]:  # fmt: skip
+    """Reduce gradients over TP copies and DP, measure / clip the global norm, and step unless
+    something is non-finite.
 
     Plain AdamW: the flat buffer is all-reduced in buckets. ZeRO-1: gradients are reduce-scattered
-    and the norm's squares summed over the DP group. Returns (pre-clip norm, applied)."""
-    zero = isinstance(optimizer, ZeroAdamW)
-    if zero:
+    and the norm's squares also summed over the DP group. Returns (pre-clip norm, applied)."""
+    if tp is not None:
+        sum_replicated_kv(grads.views, tp.roles, rank=mesh.tp_rank, group=mesh.tp_group)
+    groups = [mesh.tp_group] if tp is not None else []
+    if isinstance(optimizer, ZeroAdamW):
         slices = optimizer.reduce_grads(grads.views)
-        norm = clip_grad_norm_(slices, clip_grad, reduce_sq=all_reduce_sum(mesh.dp_group) if mesh.dp > 1 else None)
+        groups += [mesh.dp_group] if mesh.dp > 1 else []
     else:
         if mesh.dp > 1:
             grads.all_reduce(mesh.dp_group)
         slices = grads.views
-        norm = clip_grad_norm_(slices, clip_grad)
-    norm = float(norm)
+    norm = float(global_norm(slices, tp.weights if tp is not None else None, groups))
     if not (math.isfinite(loss) and math.isfinite(norm)):
         if not allow_skip:
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             raise BadStep(f"non-finite {what} (loss {loss}, grad norm {norm}); parameters are unchanged")
         return norm, False
+    if clip_grad > 0 and norm > clip_grad:
+        torch._foreach_mul_(list(slices.values()), clip_grad / (norm + 1e-6))  # torch's clip_grad_norm_ rule
     optimizer.step(slices, lr=lr)
     return norm, True
+
+
+@attrs.frozen
+class TPState:
+    """This rank's tensor-parallel context: the Comm the model calls and each gradient's role."""
+
+    comm: object
+    roles: Mapping[str, GradRole]
+    weights: Mapping[str, float]
 
 
 def train_step(
@@ -213,8 +243,9 @@ def train_step(
     recompute: Recompute = Recompute(),
     allow_skip: bool = False,
     autocast: torch.dtype | None = None,
+    tp: TPState | None = None,
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches (collective across the DP group).
+    """One optimizer step over this rank's micro-batches (collective across the DP and TP groups).
 
     Raises BadStep on a non-finite loss or norm unless `allow_skip` (then nothing is updated).
     """
@@ -227,7 +258,7 @@ def train_step(
     device = grads.flat.device
     for inp in inputs:
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            losses, sample_ids = thinker_token_losses(params, cfg, inp, ops=ops, recompute=recompute)
+            losses, sample_ids = thinker_token_losses(params, cfg, inp, ops=ops, recompute=recompute, comm=tp.comm if tp else LOCAL)
         objective = _objective(losses, sample_ids, loss_reduction, totals)
         objective.backward()
         grads.collect()
@@ -235,7 +266,7 @@ def train_step(
     if mesh.dp > 1:
         dist.all_reduce(loss_sum, group=mesh.dp_group)
     loss = float(loss_sum)
-    norm, applied = _update(optimizer, grads, mesh, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
+    norm, applied = _update(optimizer, grads, mesh, tp, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
     grads.release()
     t = totals.tolist()
     return StepResult(

@@ -55,6 +55,7 @@ __all__ = [
     "DictSource",
     "write_native",
     "write_model_files",
+    "write_rank_files",
     "native_meta",
     "NativeCheckpoint",
     "load_native",
@@ -212,6 +213,20 @@ def write_model_files(
             for writer in writers:
                 writer.abort()
             raise
+
+
+def write_rank_files(folder: Path, cfg: ThinkerConfig, layout: Layout, local: Mapping[str, torch.Tensor], rank: int) -> list[tuple[str, str, int]]:
+    """The files of TP rank `rank` from that rank's own pieces `local` (a trainer saving without
+    gathering the model); returns (file name, sha256, bytes) for the step's meta.json."""
+    records = []
+    for spec in file_plan(cfg, layout):
+        if spec.rank != rank:
+            continue
+        with SafetensorsWriter(folder / spec.name, {n: (local[n].dtype, tuple(local[n].shape)) for n in spec.tensors}, {"format": FORMAT}) as w:
+            for n in spec.tensors:
+                w.write(n, local[n])
+        records.append((spec.name, w.sha256, w.nbytes))
+    return records
 
 
 def _groups(specs: list[FileSpec]) -> list[list[FileSpec]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from dist_launch import launch
 
 from omnicore.checkpoint.native import load_native
@@ -63,6 +64,39 @@ def test_zero_shards_resume_under_another_dp_size(single, tiny_hf, tmp_path, zer
     cfg = load_run_config(base / "resume.toml", [f"--parallel.distributed_optimizer={'true' if zero_after else 'false'}"])
     run(cfg, base=base, samples=train_worker.samples())
     losses, params = single
+    assert _losses(base / "run") == pytest.approx(losses, rel=1e-6)
+    final = load_native(base / "run")[1]
+    for k, v in params.items():
+        assert (final[k] - v).abs().max() <= 0.02 * LR, k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_tp2_dp2_equals_one_process_and_resumes_under_tp1(single, tiny_hf, tmp_path):
+    """TP x DP = 2 x 2 (4 processes) trains with the losses of one process; its checkpoint (one file
+    per TP rank, each holding the plan's pieces) resumes in one process with the same continuation."""
+    base = tmp_path / "tp2dp2"
+    job = {"hf": str(tiny_hf), "base": str(base), "iters": ITERS, "stop_after": 2, "overrides": ["--parallel.tp=2"]}
+    launch(4, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / "logs", timeout=300)
+    losses, params = single
+    assert _losses(base / "run") == pytest.approx(losses[:2], rel=1e-6)
+
+    from omnicore.checkpoint.native import NativeCheckpoint, file_plan
+    from omnicore.layout import Layout, rule_for, shard_shape, tower_of
+    from omnicore.models.thinker import param_shapes, tp_plans
+
+    ckpt = NativeCheckpoint(base / "run")
+    assert ckpt.layout.tp == 2 and {s.name for s in file_plan(ckpt.cfg, Layout(tp=2))} <= set(ckpt.meta["files"])
+    shapes, plans = param_shapes(ckpt.cfg), tp_plans(ckpt.cfg)
+    text_full = sum(torch.Size(s).numel() for n, s in shapes.items() if tower_of(n) == "text") * 4
+    text_rank = sum(f.tensors[n].nbytes for name, f in ckpt.files.items() if name.startswith("text-tp00") for n in f.tensors)
+    planned = sum(torch.Size(shard_shape(s, rule_for(n, plans["text"]), 2, n)).numel() * 4 for n, s in shapes.items() if tower_of(n) == "text")
+    assert text_rank == planned and text_rank < 0.55 * text_full  # only norms are replicated
+
+    import train_worker
+
+    (base / "resume.toml").write_text(train_worker.CONFIG.format(hf=base / "run", iters=ITERS))
+    run(load_run_config(base / "resume.toml"), base=base, samples=train_worker.samples())
     assert _losses(base / "run") == pytest.approx(losses, rel=1e-6)
     final = load_native(base / "run")[1]
     for k, v in params.items():
