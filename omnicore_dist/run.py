@@ -21,7 +21,7 @@ from tqdm import tqdm
 from omnicore.checkpoint.commit import META, TRACKER
 from omnicore.checkpoint.convert import native_to_hf, side_files
 from omnicore.checkpoint.hf import CheckpointError, load_hf
-from omnicore.checkpoint.native import NativeCheckpoint
+from omnicore.checkpoint.native import NativeCheckpoint, file_plan
 from omnicore.config import ConfigError as ModelConfigError
 from omnicore.config import ThinkerConfig
 from omnicore.data.collate import collate_packed
@@ -31,17 +31,19 @@ from omnicore.data.length import LengthPolicy
 from omnicore.data.sample import SampleContext, iter_samples
 from omnicore.data.sampler import StepSampler
 from omnicore.data.tokenizer import Tokenizer, load_tokenizer
-from omnicore.layout import Layout, LayoutError
-from omnicore.models.thinker import param_shapes
+from omnicore.layout import Layout, LayoutError, rule_for, shard_tensor, tower_of, unshard_tensors
+from omnicore.models.thinker import param_shapes, tp_plans
 from omnicore.ops import resolve
 from omnicore.params import Params
 from omnicore_dist.checkpointing import SaveRequest, load_resume, save_training, set_rng_state
 from omnicore_dist.config import ConfigError, RunConfig, load_run_config, to_toml
 from omnicore_dist.mesh import Mesh, MeshError, build_mesh, init_distributed
 from omnicore_dist.metrics import RunLog, StepRecord
-from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero, reshard_zero, zero_to_plain
+from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero, zero_to_plain
 from omnicore_dist.schedule import LRSchedule, lr_at
-from omnicore_dist.train import BadStep, GradBuffer, part_of, recompute_spec, train_step
+from omnicore_dist.comm import TPComm
+from omnicore_dist.tp import grad_roles, norm_weights, shard_for_rank
+from omnicore_dist.train import BadStep, GradBuffer, TPState, part_of, recompute_spec, train_step
 
 __all__ = ["run", "run_from_file", "Loaded", "load_model", "plan_lines", "memory_estimate", "RUN_ERRORS"]
 
@@ -189,22 +191,35 @@ def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_optimizer_state(optimizer, saved: Sequence[Mapping[str, torch.Tensor]], mesh: Mesh) -> None:
-    """Load a saved optimizer state into this run's optimizer, converting between plain AdamW and
-    ZeRO-1 shards of any data-parallel size (the per-parameter slicing makes that pure)."""
-    states = [dict(s) for s in saved]
-    metas = [json.loads(bytes(s.pop("zero_meta").tolist()).decode()) if "zero_meta" in s else None for s in states]
-    zero_saved = metas[0] is not None
-    if isinstance(optimizer, ZeroAdamW):
-        if not zero_saved:
-            state, meta = plain_to_zero(states[0], mesh.dp, mesh.dp_rank)
-        elif len(states) == mesh.dp:
-            state, meta = states[mesh.dp_rank], metas[mesh.dp_rank]
-        else:
-            state, meta = reshard_zero(list(zip(states, metas)), mesh.dp)[mesh.dp_rank]
-        optimizer.load_state_dict(state, meta)
+def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Mapping[str, torch.Tensor]]], cfg: ThinkerConfig, mesh: Mesh) -> None:
+    """Load a saved optimizer state (`saved[tp rank][ZeRO shard]`) into this run's optimizer, whatever
+    the saved TP size, DP size or ZeRO setting: each TP rank's state is made plain (ZeRO slicing is
+    per parameter, so that is pure), states are re-split with the parameters' TP plan (they have the
+    parameters' shapes), and ZeRO-sliced again for this rank when the run uses ZeRO."""
+    plain = [_plain_state(shards) for shards in saved]
+    if len(plain) == mesh.tp:
+        state = plain[mesh.tp_rank]
     else:
-        optimizer.load_state_dict(zero_to_plain(list(zip(states, metas))) if zero_saved else states[0])
+        plans = tp_plans(cfg)
+        state = {}
+        for key, first in plain[0].items():
+            if key == "step":
+                state[key] = first
+                continue
+            name = key.split(".", 1)[1]
+            rule = rule_for(name, plans[tower_of(name)])
+            full = unshard_tensors([p[key] for p in plain], rule, name)
+            state[key] = shard_tensor(full, rule, mesh.tp_rank, mesh.tp, name).contiguous()
+    if isinstance(optimizer, ZeroAdamW):
+        optimizer.load_state_dict(*plain_to_zero(state, mesh.dp, mesh.dp_rank))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _plain_state(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    states = [dict(s) for s in shards]
+    metas = [json.loads(bytes(s.pop("zero_meta").tolist()).decode()) if "zero_meta" in s else None for s in states]
+    return zero_to_plain(list(zip(states, metas))) if metas[0] is not None else states[0]
 
 
 def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None, dry_run: bool = False,
@@ -214,8 +229,11 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     rank, world = init_distributed(cfg.parallel.timeout_minutes)
     pp = len(cfg.parallel.llm_pp_layers or (1,))
     mesh = build_mesh(world, rank, tp=cfg.parallel.tp, pp=pp)
-    if mesh.tp > 1 or mesh.pp > 1:
-        raise ConfigError(f"parallel.tp = {mesh.tp}, pipeline stages = {mesh.pp}: this build trains data-parallel only")
+    if mesh.pp > 1:
+        raise ConfigError(f"parallel.llm_pp_layers gives {mesh.pp} pipeline stages: this build trains with tensor and data parallelism only")
+    for key, size in (("parallel.vit_tp", cfg.parallel.vit_tp), ("parallel.audio_tp", cfg.parallel.audio_tp)):
+        if size is not None and size != mesh.tp:
+            raise ConfigError(f"{key} = {size} differs from parallel.tp = {mesh.tp}: heterogeneous encoder parallelism is not in this build")
     if cfg.data.global_batch_size % (cfg.data.micro_batch_size * mesh.dp):
         raise ConfigError(
             f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by data.micro_batch_size "
@@ -226,6 +244,9 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     ops = resolve(cfg.ops.backend, device)
     dtype = _dtype(cfg.model.dtype, device)
     loaded = load_model(cfg, base, device=device, dtype=dtype)
+    if mesh.tp > 1:  # keep only this rank's pieces (the plan validates head / vocab divisibility)
+        file_plan(loaded.cfg, Layout(tp=mesh.tp))
+        loaded = attrs.evolve(loaded, params=shard_for_rank(loaded.cfg, loaded.params, mesh.tp_rank, mesh.tp))
     stats = DataStats()
     if samples is None:
         samples, stats, tokenizer = load_samples(cfg, base, loaded, show_progress=mesh.is_main and cfg.log.progress)
@@ -237,6 +258,10 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     trainable = {n: loaded.params[n] for n in order if part_of(n) not in frozen and n != "audio.bos_eos.weight"}
     for n, p in loaded.params.items():
         p.requires_grad_(n in trainable)
+    tp_state = None
+    if mesh.tp > 1:
+        roles = grad_roles(loaded.cfg, trainable, mesh.tp)
+        tp_state = TPState(comm=TPComm(mesh.tp_group, mesh.tp_rank, mesh.tp), roles=roles, weights=norm_weights(roles))
     run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
     if dry_run:
         if mesh.is_main:
@@ -256,7 +281,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     if resume is not None:
         step, consumed = resume.step, int(resume.data_state.get("consumed_samples", 0))
         if resume.optimizer is not None:
-            _load_optimizer_state(optimizer, resume.optimizer, mesh)
+            _load_optimizer_state(optimizer, resume.optimizer, loaded.cfg, mesh)
         if resume.rng is not None:
             set_rng_state(resume.rng)
         log.message(f"resumed from {loaded.checkpoint.path} at step {step}, {consumed} samples consumed"
@@ -272,7 +297,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     def save(at: int) -> Path | None:
         return save_training(
             SaveRequest(
-                root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=Layout(), params=loaded.params,
+                root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=Layout(tp=mesh.tp), params=loaded.params,
                 optimizer=(lambda: _optimizer_state(optimizer)) if cfg.checkpoint.save_optim else None,
                 zero_sharded=isinstance(optimizer, ZeroAdamW), save_rng=cfg.checkpoint.save_rng,
                 data_state={"consumed_samples": consumed, "seed": cfg.data.seed}, run_config=run_config_text,
@@ -290,7 +315,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             data_seconds = time.perf_counter() - started
             allow_skip = cfg.train.bad_step_policy == "skip" and bad_in_a_row < cfg.train.max_bad_steps - 1
             lr = lr_at(schedule, optimizer.num_steps)
-            result = train_step(loaded.params, grads, optimizer, loaded.cfg, micro, lr=lr,
+            result = train_step(loaded.params, grads, optimizer, loaded.cfg, micro, lr=lr, tp=tp_state,
                                 mesh=mesh, ops=ops, loss_reduction=cfg.train.loss_reduction, clip_grad=cfg.train.clip_grad,
                                 recompute=recompute, allow_skip=allow_skip)  # fmt: skip
             step += 1
