@@ -5,6 +5,10 @@ all-reduce of the gradient backward) and `exit_tp` the output of a row-parallel 
 forward, identity backward). The vocabulary is split too: `vocab_cross_entropy` takes this rank's
 slice of the logits (K, V / tp) and returns the per-target loss (K,) without ever forming the full
 logits; `gather_vocab` joins the slices when full logits are wanted (inspection, decoding).
+Sequence parallelism (`sequence_parallel`): inside the decoder layers activations are split along
+tokens; `enter_tp` then all-gathers tokens and `exit_tp` reduce-scatters them, `scatter_tokens` /
+`gather_tokens` enter and leave the split region, and `replicated()` is the Comm for everything
+outside it (encoders, embedding, head), where activations are whole on every rank.
 `LOCAL` is the single-process identity, so the pure core runs with no setup; `omnicore_dist` passes
 an implementation bound to explicit process groups.
 """
@@ -23,6 +27,7 @@ __all__ = ["Comm", "LocalComm", "LOCAL", "row_linear"]
 class Comm(Protocol):
     tp_size: int
     tp_rank: int
+    sequence_parallel: bool
 
     def enter_tp(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -32,6 +37,12 @@ class Comm(Protocol):
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor: ...
 
+    def scatter_tokens(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def replicated(self) -> Comm: ...
+
 
 @attrs.frozen
 class LocalComm:
@@ -39,6 +50,7 @@ class LocalComm:
 
     tp_size: int = 1
     tp_rank: int = 0
+    sequence_parallel: bool = False
 
     def enter_tp(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -52,6 +64,15 @@ class LocalComm:
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
+
+    def scatter_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def replicated(self) -> LocalComm:
+        return self
 
 
 LOCAL = LocalComm()

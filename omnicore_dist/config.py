@@ -56,6 +56,7 @@ class ParallelSection:
     llm_pp_layers: tuple[int, ...] | None = None
     vit_pp_layers: tuple[int, ...] | None = None
     audio_pp_layers: tuple[int, ...] | None = None
+    sequence_parallel: bool = False  # split the decoder layers' norm regions along tokens (needs tp > 1)
     distributed_optimizer: bool = False  # ZeRO-1 over the data-parallel group
     timeout_minutes: float = 30.0  # collectives that take longer fail, naming the operation
 

@@ -317,8 +317,7 @@ _FLAGS = [
     _flag("--recompute-method", _G_EXTRA, "key", "see --recompute-granularity", target="model.recompute.llm"),
     _flag("--recompute-num-layers", _G_EXTRA, "key", "see --recompute-granularity", target="model.recompute.llm", parse=int),
     _flag("--fp16", _G_EXTRA, "refused", "omnicore trains in bf16 or fp32; fp16 with loss scaling is not supported", arity=0),
-    _switch("--sequence-parallel", _G_EXTRA, "parallel.sequence_parallel", True, kind="planned",
-            why="sequence parallelism is planned (issue 6); not in this build yet"),
+    _switch("--sequence-parallel", _G_EXTRA, "parallel.sequence_parallel", True),
 ]  # fmt: skip
 
 

@@ -260,8 +260,9 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         p.requires_grad_(n in trainable)
     tp_state = None
     if mesh.tp > 1:
-        roles = grad_roles(loaded.cfg, trainable, mesh.tp)
-        tp_state = TPState(comm=TPComm(mesh.tp_group, mesh.tp_rank, mesh.tp), roles=roles, weights=norm_weights(roles))
+        sp = cfg.parallel.sequence_parallel
+        roles = grad_roles(loaded.cfg, trainable, mesh.tp, sequence_parallel=sp)
+        tp_state = TPState(comm=TPComm(mesh.tp_group, mesh.tp_rank, mesh.tp, sequence_parallel=sp), roles=roles, weights=norm_weights(roles))
     run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
     if dry_run:
         if mesh.is_main:

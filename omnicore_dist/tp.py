@@ -5,11 +5,13 @@ With Megatron's f / g pair every rank already gets the full gradient of a replic
 communication: GQA k / v heads replicated because the TP size exceeds them (`replicate_short`);
 each copy sees only its ranks' query heads, so the copies' gradients are summed. For the global
 norm every parameter must count once: split slices are summed over the group, replicated tensors
-weighted by 1 / (number of copies).
+weighted by 1 / (number of copies). With sequence parallelism the decoder layers' norms see only
+this rank's tokens, so their gradients are partial sums, added up over the group.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import attrs
@@ -20,7 +22,7 @@ from omnicore.config import ThinkerConfig
 from omnicore.layout import Split, rule_for, shard, tower_of, unshard_tensors
 from omnicore.models.thinker import tp_plans
 
-__all__ = ["GradRole", "grad_roles", "shard_for_rank", "sum_replicated_kv", "norm_weights", "gather_full"]
+__all__ = ["GradRole", "grad_roles", "shard_for_rank", "sum_replicated_kv", "sum_partial", "norm_weights", "gather_full"]
 
 
 @attrs.frozen
@@ -30,6 +32,7 @@ class GradRole:
 
     copies: int
     blocks: int = 0
+    partial: bool = False  # sequence parallel: every rank holds a part of the sum
 
 
 def _role(split: Split | None, size: int) -> GradRole:
@@ -40,9 +43,22 @@ def _role(split: Split | None, size: int) -> GradRole:
     return GradRole(copies=1)
 
 
-def grad_roles(cfg: ThinkerConfig, names, size: int) -> dict[str, GradRole]:
+_SP_PARTIAL = re.compile(r"text\.layers\.\d+\.(attn|mlp)_norm\.weight")
+
+
+def grad_roles(cfg: ThinkerConfig, names, size: int, *, sequence_parallel: bool = False) -> dict[str, GradRole]:
     plans = tp_plans(cfg)
-    return {n: _role(rule_for(n, plans[tower_of(n)]), size) for n in names}
+    roles = {n: _role(rule_for(n, plans[tower_of(n)]), size) for n in names}
+    if sequence_parallel:
+        roles |= {n: attrs.evolve(roles[n], partial=True) for n in names if _SP_PARTIAL.fullmatch(n)}
+    return roles
+
+
+def sum_partial(grads: Mapping[str, torch.Tensor], roles: Mapping[str, GradRole], *, group) -> None:
+    """In place: sequence-parallel partial gradients become their sum over the TP group."""
+    for name, role in roles.items():
+        if role.partial and name in grads:
+            dist.all_reduce(grads[name], group=group)
 
 
 def shard_for_rank(cfg: ThinkerConfig, params: Mapping[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:

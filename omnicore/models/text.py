@@ -127,8 +127,8 @@ def text_qkv(
     x (N, C) -> q (N, H_local, D), k and v (N, Hkv_local, D). Shared by `text_block` and the
     decoder of omnicore.models.decode, which writes k / v into its cache between the halves.
     """
-    n, d = x.shape[0], cfg.head_dim
     h = comm.enter_tp(ops.rms_norm(x, params["attn_norm.weight"], cfg.rms_eps))
+    n, d = h.shape[0], cfg.head_dim  # all tokens (under sequence parallelism x holds 1 / tp of them)
     q = F.linear(h, params["attn.q.weight"], params["attn.q.bias"]).view(n, -1, d)
     k = F.linear(h, params["attn.k.weight"], params["attn.k.bias"]).view(n, -1, d)
     v = F.linear(h, params["attn.v.weight"], params["attn.v.bias"]).view(n, -1, d)
@@ -143,7 +143,7 @@ def text_block_rest(
 
     x (N, C) the layer's input, a (N, H_local, D) the attention output -> (N, C).
     """
-    x = x + row_linear(a.reshape(x.shape[0], -1), params["attn.o.weight"], comm=comm)
+    x = x + row_linear(a.reshape(a.shape[0], -1), params["attn.o.weight"], comm=comm)
     h = comm.enter_tp(ops.rms_norm(x, params["mlp_norm.weight"], cfg.rms_eps))
     m = ops.swiglu(F.linear(h, params["mlp.gate.weight"]), F.linear(h, params["mlp.up.weight"]))
     return x + row_linear(m, params["mlp.down.weight"], comm=comm)

@@ -253,11 +253,25 @@ def embed_inputs(
 def thinker_hidden(
     params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL, recompute: Recompute = NO_RECOMPUTE
 ) -> torch.Tensor:
-    """Decoder output before the final norm: (N, C)."""
-    x = embed_inputs(params, cfg, inputs, ops=ops, comm=comm, recompute=recompute)
-    rope = mrope_tables(cfg.text, inputs.positions, x.dtype)
+    """Decoder output before the final norm: (N, C), whole on every rank.
+
+    With sequence parallelism the decoder layers see 1 / tp of the tokens: the sequence is padded to
+    a multiple of tp with rows of an extra segment of their own (so they attend only to themselves
+    and nothing attends to them), split, and joined again after the last layer.
+    """
+    x = embed_inputs(params, cfg, inputs, ops=ops, comm=comm.replicated(), recompute=recompute)
+    positions, segments = inputs.positions, inputs.segments
+    pad = -x.shape[0] % comm.tp_size if comm.sequence_parallel else 0
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        positions = torch.cat([positions, positions.new_zeros(3, pad)], dim=1)
+        segments = Segments.from_lengths((*segments.lengths, pad), x.device)
+    rope = mrope_tables(cfg.text, positions, x.dtype)
     layers = range(cfg.text.n_layers)
-    return text_layers(select(params, "text."), cfg.text, x, rope, inputs.segments, layers, ops=ops, comm=comm, recompute=recompute.text)
+    x = comm.scatter_tokens(x)
+    x = text_layers(select(params, "text."), cfg.text, x, rope, segments, layers, ops=ops, comm=comm, recompute=recompute.text)
+    x = comm.gather_tokens(x)
+    return x[: x.shape[0] - pad] if pad else x
 
 
 def _as_inputs(cfg: ThinkerConfig, batch) -> ThinkerInputs:
@@ -271,7 +285,8 @@ def thinker_logits(
     inputs = _as_inputs(cfg, batch)
     ops = ops or resolve("auto", inputs.input_ids.device)
     h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm)
-    logits = comm.gather_vocab(text_head(select(params, "text."), cfg.text, h, params["lm_head.weight"], ops=ops, comm=comm))
+    head = comm.replicated()
+    logits = head.gather_vocab(text_head(select(params, "text."), cfg.text, h, params["lm_head.weight"], ops=ops, comm=head))
     if inputs.rows is None:
         return logits[None]
     b, t = inputs.batch_shape
@@ -296,8 +311,9 @@ def thinker_token_losses(
     ops = ops or resolve("auto", inputs.input_ids.device)
     h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm, recompute=recompute)
     keep = (inputs.targets != IGNORE_INDEX).nonzero().squeeze(1)
-    logits = text_head(select(params, "text."), cfg.text, h[keep], params["lm_head.weight"], ops=ops, comm=comm)
-    losses = comm.vocab_cross_entropy(logits, inputs.targets[keep])
+    head = comm.replicated()
+    logits = text_head(select(params, "text."), cfg.text, h[keep], params["lm_head.weight"], ops=ops, comm=head)
+    losses = head.vocab_cross_entropy(logits, inputs.targets[keep])
     return losses, inputs.segments.segment_ids()[keep]
 
 

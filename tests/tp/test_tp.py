@@ -25,9 +25,23 @@ from tp_worker import CASES, loss_and_grads  # noqa: E402
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("size", [2, 4])
 def test_tp_equals_one_process(tmp_path, size, case):
+    _check(tmp_path, size, case, sequence_parallel=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["text", "mixed"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_sequence_parallel_equals_one_process(tmp_path, size, case):
+    """Sequence parallel on equals off (both equal one process); token counts not divisible by
+    the TP size exercise the padding."""
+    _check(tmp_path, size, case, sequence_parallel=True)
+
+
+def _check(tmp_path, size, case, *, sequence_parallel):
     ref_loss, ref_grads = loss_and_grads(case)
-    launch(size, ["tests/tp/tp_worker.py", json.dumps({"case": case, "out": str(tmp_path)})], tmp_path / "logs",
-           extra_paths=[str(Path(__file__).resolve().parent)])  # fmt: skip
+    job = {"case": case, "out": str(tmp_path), "sequence_parallel": sequence_parallel}
+    launch(size, ["tests/tp/tp_worker.py", json.dumps(job)], tmp_path / "logs", extra_paths=[str(Path(__file__).resolve().parent)])
     got = load_file(str(tmp_path / "result.safetensors"))
     assert torch.allclose(got["loss"][0], ref_loss, rtol=1e-5, atol=0)
     bad = []
