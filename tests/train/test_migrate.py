@@ -83,6 +83,7 @@ KEY_CASES: dict[str, tuple[Any, dict[str, Any], dict]] = {
     "--adam-beta2": ("0.95", {"train.adam_beta2": 0.95}, {}),
     "--seed": ("7", {"train.seed": 7, "data.seed": 7}, {}),
     "--use-distributed-optimizer": (None, {"parallel.distributed_optimizer": True}, {}),
+    "--sequence-parallel": (None, {"parallel.sequence_parallel": True}, {}),
     "--distributed-timeout-minutes": ("45", {"parallel.timeout_minutes": 45.0}, {}),
     "--load": ("some/ckpt", {"model.load": "some/ckpt"}, {}),
     "--no-load-optim": (None, {"checkpoint.load_optim": False}, {}),
