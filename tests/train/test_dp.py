@@ -101,3 +101,16 @@ def test_tp2_dp2_equals_one_process_and_resumes_under_tp1(single, tiny_hf, tmp_p
     final = load_native(base / "run")[1]
     for k, v in params.items():
         assert (final[k] - v).abs().max() <= 0.02 * LR, k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tp2_sequence_parallel_training_equals_one_process(single, tiny_hf, tmp_path):
+    base = tmp_path / "sp"
+    job = {"hf": str(tiny_hf), "base": str(base), "iters": ITERS, "overrides": ["--parallel.tp=2", "--parallel.sequence_parallel=true"]}
+    launch(2, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / "logs")
+    losses, params = single
+    assert _losses(base / "run") == pytest.approx(losses, rel=1e-6)
+    final = load_native(base / "run")[1]
+    for k, v in params.items():
+        assert (final[k] - v).abs().max() <= 0.02 * LR, k
