@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import alternate, check_close, forward_backward, gate, median, omni_7b, ratio_summary, thresholds, write_record
+from common import check_close, forward_backward, omni_7b, thresholds, time_and_gate_elementwise
 
 from omnicore import ops
 
@@ -53,24 +53,8 @@ def test_rms_norm_vs_ref(shape, dtype, bench_rounds, benchmark, pytestconfig):
     w_atol = atol if dtype == torch.float32 else 2**-6 * ref_d_w.abs().max().item()
     diffs["d_weight"] = check_close(d_w, ref_d_w, w_atol, rtol, what=f"{shape} d_weight")
 
-    with torch.no_grad():
-        fwd = alternate({"ref": lambda: ops.REF.rms_norm(x, w, eps), "ops": lambda: backend.rms_norm(x, w, eps)}, rounds=rounds)
-    fwd_bwd = alternate(steps, rounds=rounds)
-    summaries = {"forward": ratio_summary(fwd["ref"], fwd["ops"]), "forward_backward": ratio_summary(fwd_bwd["ref"], fwd_bwd["ops"])}
-    record = {
-        "shape": list(SHAPES[shape]),
-        "dtype": str(dtype),
-        "backend": backend.name,
-        "correctness": diffs,
-        "seconds_median": {f"{p}_{n}": median(t) for p, times in (("fwd", fwd), ("fwd_bwd", fwd_bwd)) for n, t in times.items()},
-        "ops_vs_ref": summaries,
-        "rounds": rounds,
-    }
-    benchmark.extra_info.update(record)
-    benchmark.pedantic(steps["ops"], rounds=1, iterations=1)
-    write_record(f"norm_{shape}_{str(dtype).split('.')[-1]}", record)
-    print(f"\nrms_norm {shape} {dtype}: " + ", ".join(f"{k} {s['median']:.2f}x (IQR {s['iqr']:.2f})" for k, s in summaries.items()))
-    if shape in GATED:
-        quick = pytestconfig.getoption("--bench-quick")
-        what = f"rms_norm {shape} {dtype} forward + backward"
-        gate(summaries["forward_backward"], thresholds("norm")["rms_norm_vs_ref"], quick=quick, what=what, within_noise=True)
+    time_and_gate_elementwise(
+        benchmark, op="norm", shape=shape, dims=SHAPES[shape], dtype=dtype, backend_name=backend.name, diffs=diffs,
+        forward={"ref": lambda: ops.REF.rms_norm(x, w, eps), "ops": lambda: backend.rms_norm(x, w, eps)}, steps=steps, rounds=rounds,
+        threshold=thresholds("norm")["rms_norm_vs_ref"] if shape in GATED else None, quick=pytestconfig.getoption("--bench-quick"),
+    )  # fmt: skip

@@ -15,8 +15,6 @@ Goals (issue 5): >= 1.3x HF on tiny, >= 1.15x on medium with MFU >= 0.85 of the 
 
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 import sys
 import time

@@ -122,3 +122,31 @@ def forward_backward(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor
         return torch.autograd.grad(fn(*inputs), inputs, grad_out)
 
     return step
+
+
+def time_and_gate_elementwise(benchmark, *, op: str, shape: str, dims, dtype: torch.dtype, backend_name: str, diffs: dict,
+                              forward: dict[str, Callable[[], object]], steps: dict[str, Callable[[], object]], rounds: int,
+                              threshold: float | None, quick: bool) -> dict:  # fmt: skip
+    """The shared tail of the elementwise benches (norm, SwiGLU): time forward alone (no grad) and
+    forward + backward, alternating reference and candidate; record, print, and gate the forward +
+    backward ratio (`threshold` None: recorded only) with the within-noise rule."""
+    with torch.no_grad():
+        fwd = alternate(forward, rounds=rounds)
+    fwd_bwd = alternate(steps, rounds=rounds)
+    summaries = {"forward": ratio_summary(fwd["ref"], fwd["ops"]), "forward_backward": ratio_summary(fwd_bwd["ref"], fwd_bwd["ops"])}
+    record = {
+        "shape": list(dims),
+        "dtype": str(dtype),
+        "backend": backend_name,
+        "correctness": diffs,
+        "seconds_median": {f"{p}_{n}": median(t) for p, times in (("fwd", fwd), ("fwd_bwd", fwd_bwd)) for n, t in times.items()},
+        "ops_vs_ref": summaries,
+        "rounds": rounds,
+    }
+    benchmark.extra_info.update(record)
+    benchmark.pedantic(steps["ops"], rounds=1, iterations=1)
+    write_record(f"{op}_{shape}_{str(dtype).split('.')[-1]}", record)
+    print(f"\n{op} {shape} {dtype}: " + ", ".join(f"{k} {s['median']:.2f}x (IQR {s['iqr']:.2f})" for k, s in summaries.items()))
+    if threshold is not None:
+        gate(summaries["forward_backward"], threshold, quick=quick, what=f"{op} {shape} {dtype} forward + backward", within_noise=True)
+    return record
