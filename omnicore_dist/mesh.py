@@ -12,11 +12,12 @@ import datetime
 import os
 
 import attrs
+import torch
 import torch.distributed as dist
 
 from omnicore_dist.env import accelerator
 
-__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed"]
+__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed", "local_device"]
 
 
 class MeshError(ValueError):
@@ -59,12 +60,25 @@ def _check(world: int, tp: int, pp: int) -> int:
     return world // (tp * pp)
 
 
+def local_device() -> torch.device:
+    """This process's accelerator (torchrun's LOCAL_RANK picks the chip on its node), made current:
+    NCCL and HCCL bind a communicator to the current device, so it must be set before they start."""
+    kind = accelerator()
+    if kind == "cpu":
+        return torch.device("cpu")
+    module = getattr(torch, kind)
+    device = torch.device(kind, int(os.environ.get("LOCAL_RANK", "0")) % module.device_count())
+    module.set_device(device)
+    return device
+
+
 def init_distributed(timeout_minutes: float) -> tuple[int, int]:
     """Join the job torchrun started (env:// rendezvous), or stay single-process. Returns (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
+        local_device()
         backend = {"npu": "hccl", "cuda": "nccl"}.get(accelerator(), "gloo")
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()

@@ -11,12 +11,13 @@ import json
 import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
 import torch
-from tqdm import tqdm
+import torch.distributed as dist
 
 from omnicore.checkpoint.commit import META, TRACKER
 from omnicore.checkpoint.convert import native_to_hf, side_files
@@ -24,11 +25,12 @@ from omnicore.checkpoint.hf import CheckpointError, load_hf
 from omnicore.checkpoint.native import NativeCheckpoint, file_plan
 from omnicore.config import ConfigError as ModelConfigError
 from omnicore.config import ThinkerConfig
-from omnicore.data.collate import collate_packed
+from omnicore.data.cache import CacheError, SampleCache, open_cache
 from omnicore.data.config import DataConfigError, load_data_config
 from omnicore.data.errors import DataFormatError, DataStats
 from omnicore.data.length import LengthPolicy
-from omnicore.data.sample import SampleContext, iter_samples
+from omnicore.data.loader import Loader, MemorySamples
+from omnicore.data.sample import SampleContext
 from omnicore.data.sampler import StepSampler
 from omnicore.data.tokenizer import Tokenizer, load_tokenizer
 from omnicore.layout import Layout, LayoutError, rule_for, shard_tensor, tower_of, unshard_tensors
@@ -37,7 +39,7 @@ from omnicore.ops import resolve
 from omnicore.params import Params
 from omnicore_dist.checkpointing import SaveRequest, load_resume, save_training, set_rng_state
 from omnicore_dist.config import ConfigError, RunConfig, load_run_config, to_toml
-from omnicore_dist.mesh import Mesh, MeshError, build_mesh, init_distributed
+from omnicore_dist.mesh import Mesh, MeshError, build_mesh, init_distributed, local_device
 from omnicore_dist.metrics import RunLog, StepRecord
 from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero, zero_to_plain
 from omnicore_dist.schedule import LRSchedule, lr_at
@@ -48,7 +50,7 @@ from omnicore_dist.train import BadStep, GradBuffer, TPState, part_of, recompute
 __all__ = ["run", "run_from_file", "Loaded", "load_model", "plan_lines", "memory_estimate", "RUN_ERRORS"]
 
 RUN_ERRORS = (ConfigError, ModelConfigError, CheckpointError, LayoutError, MeshError, OptimStateError, DataConfigError,
-              DataFormatError, FileExistsError, FileNotFoundError)  # fmt: skip
+              DataFormatError, CacheError, FileExistsError, FileNotFoundError)  # fmt: skip
 # Parts' parameter prefixes, most specific first (the first matching rule wins).
 _PART_PATTERNS = {"vision_merger": r"^vision\.merger\.", "vision": r"^vision\.", "audio_proj": r"^audio\.proj\.", "audio": r"^audio\.", "llm": r"^(text\.|lm_head\.)"}
 
@@ -95,27 +97,35 @@ def tokenizer_folder(loaded: Loaded, data_model_path: Path | None) -> Path:
     raise ConfigError("no tokenizer: set data.config's model_name_or_path or load from an HF folder")
 
 
-def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, show_progress: bool) -> tuple[list[dict], DataStats, Tokenizer]:
-    """Read and process `data.config`'s training samples (the thinker's collate format)."""
+def _build_token(mesh: Mesh) -> str:
+    """One random token per run, the same on every rank: `overwrite_cache` then rebuilds a node's
+    cache once (by whichever rank takes its lock first), not once per rank."""
+    token = [uuid.uuid4().hex]
+    if mesh.world > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, mesh: Mesh, run_dir: Path,
+                 show_progress: bool) -> tuple[SampleCache, DataStats, Tokenizer]:  # fmt: skip
+    """Read `data.config`'s training conversations and open their preprocessed cache: the data
+    config's `cache_dir` (default `<run folder>/data_cache`), built once per node and key (several
+    ranks on one node: one builds, the others wait for it on the key's lock)."""
     if not cfg.data.config:
         raise ConfigError("data.config is empty: name a data config (MindSpeed data.json)")
     dcfg = load_data_config(_path(base, cfg.data.config), length=LengthPolicy(max_seq_len=cfg.data.seq_length), seed=cfg.data.seed)
-    tokenizer = load_tokenizer(tokenizer_folder(loaded, dcfg.model_name_or_path))
+    folder = tokenizer_folder(loaded, dcfg.model_name_or_path)
+    tokenizer = load_tokenizer(folder)
     tokenizer.check_config(loaded.cfg)
     convs = dcfg.read_conversations()
     ctx = SampleContext.for_data(dcfg, tokenizer, loaded.cfg)
-    stats = convs.stats
-    items = tqdm(convs.train, desc="processing samples", unit="sample", disable=None if show_progress else True, file=sys.stderr)
-    samples = [s.to_dict() for s in iter_samples(items, ctx, stats, on_bad_sample=dcfg.on_bad_sample)]
-    if not samples:
+    cache = open_cache(dcfg.cache_dir or run_dir / "data_cache", convs.train, ctx, tokenizer_dir=folder,
+                       overwrite=dcfg.overwrite_cache, build_token=_build_token(mesh), workers=dcfg.num_workers,
+                       on_bad_sample=dcfg.on_bad_sample, progress=show_progress)  # fmt: skip
+    stats = convs.stats.merge(cache.stats)
+    if not len(cache):
         raise ConfigError(f"data.config: no usable sample ({stats.dropped} dropped)\n{stats.report()}")
-    return samples, stats, tokenizer
-
-
-def _device(mesh: Mesh) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", mesh.rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    return cache, stats, tokenizer
 
 
 def _dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -240,17 +250,20 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             f"{cfg.data.micro_batch_size} x data-parallel size {mesh.dp}"
         )
     torch.manual_seed(cfg.train.seed)
-    device = _device(mesh)
+    device = local_device()
     ops = resolve(cfg.ops.backend, device)
     dtype = _dtype(cfg.model.dtype, device)
     loaded = load_model(cfg, base, device=device, dtype=dtype)
     if mesh.tp > 1:  # keep only this rank's pieces (the plan validates head / vocab divisibility)
         file_plan(loaded.cfg, Layout(tp=mesh.tp))
         loaded = attrs.evolve(loaded, params=shard_for_rank(loaded.cfg, loaded.params, mesh.tp_rank, mesh.tp))
+    run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
     stats = DataStats()
     if samples is None:
-        samples, stats, tokenizer = load_samples(cfg, base, loaded, show_progress=mesh.is_main and cfg.log.progress)
+        source, stats, tokenizer = load_samples(cfg, base, loaded, mesh=mesh, run_dir=run_dir, show_progress=mesh.is_main and cfg.log.progress)
         decode = decode or tokenizer.decode
+    else:
+        source = MemorySamples(samples)
     frozen = set(cfg.model.freeze)
     # One canonical parameter order (the model definition's), whatever the checkpoint's file order:
     # sums over parameters (gradient norm) must not depend on where the weights came from.
@@ -263,13 +276,12 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         sp = cfg.parallel.sequence_parallel
         roles = grad_roles(loaded.cfg, trainable, mesh.tp, sequence_parallel=sp)
         tp_state = TPState(comm=TPComm(mesh.tp_group, mesh.tp_rank, mesh.tp, sequence_parallel=sp), roles=roles, weights=norm_weights(roles))
-    run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
     if dry_run:
         if mesh.is_main:
             print(f"ops backend: {ops.name}; device {device}; dtype {dtype}")
-            print("\n".join(plan_lines(cfg, loaded, mesh, set(trainable), samples[0] if samples else None, decode)))
+            print("\n".join(plan_lines(cfg, loaded, mesh, set(trainable), source.load(0) if len(source) else None, decode)))
         return {}
-    sampler = StepSampler(n_samples=len(samples), global_batch=cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
+    sampler = StepSampler(n_samples=len(source), global_batch=cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
                           dp_size=mesh.dp, seed=cfg.data.seed, shuffle=cfg.data.shuffle)  # fmt: skip
     optimizer = _optimizer(cfg, trainable, mesh)
     schedule = _schedule(cfg)
@@ -308,11 +320,15 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         )  # fmt: skip
 
     last = cfg.train.train_iters if stop_after is None else min(cfg.train.train_iters, step + stop_after)
+    # Workers load and collate ahead; the position (samples consumed) is all a resume needs.
+    batches = Loader(source, sampler, dp_rank=mesh.dp_rank, num_workers=cfg.data.num_workers, stats=stats).steps(consumed)
     try:
         while step < last:
             started = time.perf_counter()
-            indices = sampler.rank_micro_batches(consumed, mesh.dp_rank)
-            micro = [collate_packed([samples[i] for i in mb]) for mb in indices]
+            fetched = next(batches)
+            micro = fetched.micro_batches
+            for problem in fetched.problems:  # a corrupt cache entry repaired, an unreadable sample dropped
+                log.message(problem)
             data_seconds = time.perf_counter() - started
             allow_skip = cfg.train.bad_step_policy == "skip" and bad_in_a_row < cfg.train.max_bad_steps - 1
             lr = lr_at(schedule, optimizer.num_steps)
@@ -335,6 +351,8 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         log.event("stop", step=step + 1, reason=str(err))
         log.close()
         raise
+    finally:
+        batches.close()  # stops the loader's worker processes
     summary = log.summary()
     if mesh.is_main and cfg.checkpoint.export_hf:
         if loaded.hf_dir is None:

@@ -21,9 +21,17 @@ Datasets, template and samples on top of it:
     omnicore.prepare_inputs(model, sample.batch())
 
 A bad record is a `BadSample` (problem, detail, where, id); a damaged file a `DataFormatError`.
+
+Cache and loader for training:
+
+    cache = open_cache(cfg.cache_dir, convs.train, ctx, tokenizer_dir=cfg.model_name_or_path)  # built once per key
+    sampler = StepSampler(n_samples=len(cache), global_batch=8, micro_batch=2, dp_size=1, seed=cfg.seed)
+    for step in Loader(cache, sampler, num_workers=2).steps(consumed=0):
+        ...                                                   # step.micro_batches: packed batches
 """
 
 from omnicore.data.audio import decode_audio, decode_video_audio, resample
+from omnicore.data.cache import CacheError, CorruptEntry, SampleCache, cache_key, open_cache, read_cache
 from omnicore.data.config import DataConfig, DataConfigError, IgnoredFieldWarning, from_mindspeed, load_data_config
 from omnicore.data.datasets import Conversations, DatasetSpec, load_conversations, split_validation, weighted
 from omnicore.data.errors import BadSample, DataFormatError, DataStats, MediaLimitError, Problem
@@ -41,7 +49,9 @@ from omnicore.data.processor import (
     video_inputs,
 )
 from omnicore.data.length import LengthPolicy
+from omnicore.data.loader import Loader, MemorySamples, StepBatch
 from omnicore.data.sample import Sample, SampleContext, iter_samples, process_sample
+from omnicore.data.sampler import StepSampler
 from omnicore.data.template import (
     DEFAULT_SYSTEM_PROMPT,
     OMNI_SYSTEM_PROMPT,
@@ -108,4 +118,14 @@ __all__ = [
     "Sample",
     "process_sample",
     "iter_samples",
+    "CacheError",
+    "CorruptEntry",
+    "SampleCache",
+    "cache_key",
+    "open_cache",
+    "read_cache",
+    "StepSampler",
+    "Loader",
+    "MemorySamples",
+    "StepBatch",
 ]

@@ -148,3 +148,22 @@ def test_dry_run_plan_and_memory_estimate_within_25_percent(tiny_hf, tmp_path):
     estimate = float(plan.split("total ")[1].split(" MiB")[0]) * 2**20
     peak = int(outs[False].split("PEAK")[1])
     assert abs(estimate - peak) <= 0.25 * peak, f"estimate {estimate / 2**20:.0f} MiB vs measured peak {peak / 2**20:.0f} MiB"
+
+
+def test_local_device_binds_the_node_local_chip(monkeypatch):
+    """torchrun's LOCAL_RANK (not the global rank) picks the chip, and it is made current before
+    NCCL/HCCL start: a communicator binds to the current device."""
+    import torch
+
+    from omnicore_dist import mesh
+
+    bound = []
+    monkeypatch.setattr(mesh, "accelerator", lambda: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert mesh.local_device() == torch.device("cuda", 2)
+    assert bound == [torch.device("cuda", 2)]
+    monkeypatch.setattr(mesh, "accelerator", lambda: "cpu")
+    assert mesh.local_device() == torch.device("cpu")

@@ -1,0 +1,91 @@
+"""Worker processes for the data pipeline: an ordered map that survives a worker dying.
+
+`worker_map(task, items, workers=n)` runs `task(item)` in `n` forked processes (0: in this one) and
+yields the results in item order, at most `n * prefetch` items ahead. The cache build and the loader
+use it. A segfault in a decoder or the OOM killer takes down one process, not the run: the pool is
+replaced and the unfinished items are retried one per fresh process, so the item that kills its
+process again is isolated and reported as `WorkerDied(item)`. Exceptions `task` raises propagate.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import attrs
+import torch
+
+__all__ = ["WorkerDied", "worker_map"]
+
+_WORKER_TASK: Callable[[Any], Any] | None = None  # set once in each pool process by `_init_worker`; never in the parent
+
+
+def _init_worker(task: Callable[[Any], Any]) -> None:
+    global _WORKER_TASK
+    torch.set_num_threads(1)  # as torch's DataLoader: workers share the cores, one thread each
+    _WORKER_TASK = task
+
+
+def _call(item: Any) -> Any:
+    return _WORKER_TASK(item)
+
+
+@attrs.frozen
+class WorkerDied:
+    """The outcome of an item whose worker process died twice: once in the pool, once alone."""
+
+    item: Any
+
+
+def _pool(workers: int, task: Callable[[Any], Any]) -> ProcessPoolExecutor:
+    # fork: the task (the cache's open files, conversations, tokenizer) reaches workers without pickling.
+    context = multiprocessing.get_context("fork")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(task,))
+
+
+def _alone(task: Callable[[Any], Any], item: Any) -> Any:
+    """`task(item)` in a fresh single process; `WorkerDied(item)` if that process dies too."""
+    pool = _pool(1, task)
+    try:
+        return pool.submit(_call, item).result()
+    except BrokenProcessPool:
+        return WorkerDied(item)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def worker_map(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int, prefetch: int = 2) -> Iterator[Any]:
+    """`task(item)` for each item, in item order, run `workers` processes wide (0: in this process).
+
+    At most `workers * prefetch` items are in flight. When a worker process dies (a segfault in a
+    decoder, the OOM killer), the pool is replaced and each unfinished item is retried alone in a
+    fresh process: an item that kills that one too yields `WorkerDied(item)`, the others their
+    results, so one poisonous item never stops the stream. Exceptions raised by `task` propagate.
+    """
+    if workers == 0:
+        yield from map(task, items)
+        return
+    items, end = iter(items), object()
+    while True:
+        pool, pending = _pool(workers, task), deque()
+        try:
+            while True:
+                while len(pending) < workers * prefetch and (item := next(items, end)) is not end:
+                    pending.append((item, pool.submit(_call, item)))
+                if not pending:
+                    return
+                try:
+                    result = pending[0][1].result()
+                except BrokenProcessPool:
+                    break
+                pending.popleft()
+                yield result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for item, future in pending:  # in order; then a new pool takes the rest
+            finished = future.done() and not future.cancelled() and future.exception() is None
+            yield future.result() if finished else _alone(task, item)
