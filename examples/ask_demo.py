@@ -19,22 +19,20 @@ from omnicore.checkpoint.native import load_native
 from omnicore.data.formats import Conversation, Turn
 from omnicore.data.sample import SampleContext, process_sample
 from omnicore.data.tokenizer import load_tokenizer
-from omnicore.generate import greedy_generate
+from omnicore.generate import generate
 
 
 def prompt_batch(demo: Path, ctx: SampleContext, kind: str, path: str, question: str) -> dict:
-    """The prompt up to `<|im_start|>assistant\\n`: a conversation with an empty answer, whose last
-    two tokens (`<|im_end|>` and the newline) are cut off."""
+    """The prompt up to `<|im_start|>assistant\\n`: the chat template's generation prompt (the
+    conversation's empty last answer is the one the model generates)."""
     placeholder = "<image>" if kind == "image" else "<audio>"
     conv = Conversation(
         id="question", source=str(demo / "questions.json"), index=0,
         turns=(Turn("user", placeholder + question), Turn("assistant", "")),
         images=(path,) if kind == "image" else (), audios=(path,) if kind == "audio" else (),
     )  # fmt: skip
-    batch = process_sample(conv, ctx).batch()
-    ids = batch["input_ids"][0]
-    assert int(ids[-2]) == ctx.tokenizer.token_id("<|im_end|>")
-    return {k: v for k, v in batch.items() if k not in ("labels", "position_ids")} | {"input_ids": ids[None, :-2]}
+    batch = process_sample(conv, ctx, generation_prompt=True).batch()
+    return {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
 
 
 def main() -> int:
@@ -48,7 +46,7 @@ def main() -> int:
     im_end = tokenizer.token_id("<|im_end|>")
     wrong = 0
     for kind, path, question, expected in DEMO_QUESTIONS:
-        new = greedy_generate(params, cfg, prompt_batch(args.demo, ctx, kind, path, question), max_new_tokens=16, stop_ids={im_end})
+        new = generate(params, cfg, prompt_batch(args.demo, ctx, kind, path, question), max_new_tokens=16, stop_ids={im_end})[0]
         answer = tokenizer.decode([t for t in new if t != im_end]).strip()
         ok = expected in answer.lower()
         wrong += not ok

@@ -183,7 +183,9 @@ def full_omni_folder(cfg: ThinkerConfig, folder: Path, *, seed: int = 0, std: fl
     model.thinker.load_state_dict(params_to_hf(init_thinker(cfg, seed=seed, std=std), prefix=""), strict=False)
     model.thinker.to(thinker_dtype)
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="400KB")
-    torch.save({"Chelsie": {"bos_token": 61, "cond": torch.randn(16), "ref_mel": torch.randn(4, 16)}}, folder / "spk_dict.pt")
+    # The published speaker layout: cond (1, D), ref_mel (1, T, mel) (token2wav reads its batch from dim 0).
+    speaker = {"bos_token": 61, "cond": torch.randn(1, 16), "ref_mel": torch.randn(1, 30, 16)}
+    torch.save({"Chelsie": speaker}, folder / "spk_dict.pt")
     (folder / "tokenizer_config.json").write_text('{"model_max_length": 32768}')
     (folder / "chat_template.json").write_text('{"chat_template": "{{ messages }}"}')
     return model

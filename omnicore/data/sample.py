@@ -142,12 +142,13 @@ def _audio(roots: MediaRoots, key: AudioKey, conv: Conversation, ctx: SampleCont
     return audio_features(wave, ctx.processor)
 
 
-def _fit(conv: Conversation, enc: Encoded, shapes: MediaShapes, ctx: SampleContext) -> tuple[Conversation, Encoded]:
-    """The conversation within `max_seq_len`: as is, its first rounds that fit, or `BadSample`."""
+def _fit(conv: Conversation, enc: Encoded, shapes: MediaShapes, ctx: SampleContext, prompt: bool) -> tuple[Conversation, Encoded]:
+    """The conversation within `max_seq_len`: as is, its first rounds that fit, or `BadSample`.
+    A generation prompt is never truncated (its first rounds would drop the question)."""
     limit = ctx.length.max_seq_len
     if limit is None or len(enc.input_ids) <= limit:
         return conv, enc
-    if ctx.length.on_too_long == "truncate":
+    if ctx.length.on_too_long == "truncate" and not prompt:
         # Length grows with the number of rounds kept: binary search for the most rounds that fit.
         best, lo, hi = None, 1, conv.rounds - 1
         while lo <= hi:
@@ -183,7 +184,7 @@ def _media_keys(images: list, videos: list, clips: list[torch.Tensor]) -> dict[s
     return media
 
 
-def _process(conv: Conversation, ctx: SampleContext) -> Sample:
+def _process(conv: Conversation, ctx: SampleContext, prompt: bool) -> Sample:
     roots, notes = ctx.roots(conv.source), []
     use_aiv = ctx.template.use_audio_in_video if conv.use_audio_in_video is None else conv.use_audio_in_video
     # Media first: the template needs every grid and mel length to lay out the tokens.
@@ -199,8 +200,8 @@ def _process(conv: Conversation, ctx: SampleContext) -> Sample:
         video_seconds_per_grid=[spg for _, _, spg in videos],
         audio_frames={key: feats.shape[1] for key, feats in audio.items()},
     )
-    full = encode_conversation(conv, ctx.tokenizer, shapes, ctx.model, ctx.template)
-    kept, enc = _fit(conv, full, shapes, ctx)
+    full = encode_conversation(conv, ctx.tokenizer, shapes, ctx.model, ctx.template, generation_prompt=prompt)
+    kept, enc = _fit(conv, full, shapes, ctx, prompt)
     notes += ["text truncated"] * (kept.rounds < conv.rounds)
     # Dropped rounds took their media with them: each kind's kept items are a prefix of its list,
     # and the clips follow the token order (a video's track sits where the video is).
@@ -223,10 +224,14 @@ def _process(conv: Conversation, ctx: SampleContext) -> Sample:
     )  # fmt: skip
 
 
-def process_sample(conv: Conversation, ctx: SampleContext) -> Sample:
-    """The training sample of one conversation; `BadSample` (located) if it cannot be made."""
+def process_sample(conv: Conversation, ctx: SampleContext, *, generation_prompt: bool = False) -> Sample:
+    """The training sample of one conversation; `BadSample` (located) if it cannot be made.
+
+    `generation_prompt`: a prompt for decoding instead, ending in `<|im_start|>assistant\\n` (the
+    conversation's last assistant turn, which must be empty, is the answer to generate).
+    """
     try:
-        return _process(conv, ctx)
+        return _process(conv, ctx, generation_prompt)
     except BadSample as e:
         raise e.at(conv.where, conv.id) from None
 

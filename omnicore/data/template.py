@@ -237,18 +237,35 @@ def _expand(ref: MediaRef, shapes: MediaShapes, model: ThinkerConfig, tok: Token
 
 
 def encode_conversation(
-    conv: Conversation, tokenizer: Tokenizer, shapes: MediaShapes, model: ThinkerConfig, cfg: TemplateConfig
+    conv: Conversation,
+    tokenizer: Tokenizer,
+    shapes: MediaShapes,
+    model: ThinkerConfig,
+    cfg: TemplateConfig,
+    *,
+    generation_prompt: bool = False,
 ) -> Encoded:
     """Token ids (T,) and labels (T,) of a conversation whose media `shapes` are known.
 
+    `generation_prompt`: the conversation's last assistant turn is the answer still to be generated.
+    It must be empty and is rendered as `<|im_start|>assistant\\n` alone, unlabelled (the HF
+    template's `add_generation_prompt`); earlier turns are encoded as usual.
     Raises `BadSample` for text that tokenizes to a special token or media that give no tokens.
     """
     use_aiv = cfg.use_audio_in_video if conv.use_audio_in_video is None else conv.use_audio_in_video
     messages = _messages(conv, cfg)
     pieces, audio_order = plan_media([text if parse else "" for _, text, parse in messages], use_aiv)
     last = max(i for i, (role, _, _) in enumerate(messages) if role == "assistant")
+    if generation_prompt and messages[last][1]:
+        raise ValueError(
+            f"Conversation {conv.id!r}: with generation_prompt the last assistant turn is the answer to generate and must be empty"
+        )
     b, s = _Builder(tokenizer), tokenizer.special
     for i, ((role, text, parse), parts) in enumerate(zip(messages, pieces)):
+        if generation_prompt and i == last:
+            b.add([s.im_start], False)
+            b.text("assistant\n", False)
+            break
         # LLaMA-Factory: an answer is "{content}<|im_end|>\n" (masked if history under mask_history,
         # even with train_on_prompt); everything else is prompt, labelled only with train_on_prompt.
         if role == "assistant":

@@ -1,6 +1,7 @@
 """The hot ops behind one signature each, with the backend passed in as a value.
 
     attention(q, k, v, segments, *, causal, scale=None)   q (N, H, D), k / v (N, Hkv, D)
+    cached_attention(q, k, v, kv_lengths, *, scale=None)  q (B, S, H, D) over caches (B, L, Hkv, D)
     apply_rope(x, cos, sin)                                 x (N, H, D), cos / sin (N, D)
     rms_norm(x, weight, eps)
     swiglu(gate, up)
@@ -26,20 +27,29 @@ __all__ = ["Ops", "REF", "CPU", "CUDA", "CUDA_FLASH", "NPU", "BACKEND_NAMES", "r
 
 @attrs.frozen
 class Ops:
-    """A backend: one implementation per hot op, all with the reference signatures."""
+    """A backend: one implementation per hot op, all with the reference signatures.
+
+    `cached_attention` (decoding over a KV cache) defaults to the portable SDPA version, which runs
+    on every device; bundles built before it existed keep working.
+    """
 
     name: str
     attention: Callable[..., torch.Tensor]
     apply_rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    cached_attention: Callable[..., torch.Tensor] = cpu.cached_attention
 
 
-REF = Ops(name="ref", attention=ref.attention, apply_rope=ref.apply_rope, rms_norm=ref.rms_norm, swiglu=ref.swiglu)
+REF = Ops(
+    name="ref", attention=ref.attention, apply_rope=ref.apply_rope, rms_norm=ref.rms_norm, swiglu=ref.swiglu,
+    cached_attention=ref.cached_attention,
+)  # fmt: skip
 # SDPA-based; runs on any device torch supports, so it is also the fallback for `auto`.
 CPU = Ops(name="cpu", attention=cpu.attention, apply_rope=cpu.apply_rope, rms_norm=cpu.rms_norm, swiglu=cpu.swiglu)
 CUDA = Ops(name="cuda", attention=cpu.attention, apply_rope=cpu.apply_rope, rms_norm=cuda.rms_norm, swiglu=cpu.swiglu)
 CUDA_FLASH = attrs.evolve(CUDA, name="cuda+flash-attn", attention=cuda.attention)
+# Decoding over a KV cache uses the portable SDPA path on NPU too (no incremental kernel wrapped yet).
 NPU = Ops(name="npu", attention=npu.attention, apply_rope=npu.apply_rope, rms_norm=npu.rms_norm, swiglu=npu.swiglu)
 
 BACKEND_NAMES = ("auto", "npu", "cuda", "cpu", "ref")

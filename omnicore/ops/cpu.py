@@ -10,6 +10,8 @@ slow path), and SwiGLU reuses its silu buffer when no gradient is needed. Measur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -17,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from omnicore.ops import ref
 from omnicore.ops.segments import Segments
 
-__all__ = ["attention", "apply_rope", "rms_norm", "swiglu"]
+__all__ = ["attention", "cached_attention", "apply_rope", "rms_norm", "swiglu"]
 
 
 def attention(
@@ -51,6 +53,33 @@ def _sdpa(q, k, v, count, length, causal, scale, gqa):
     q, k, v = (t.reshape(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     return o.transpose(1, 2)  # (count, L, H, D)
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lengths: Sequence[int],
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Same contract as `ref.cached_attention`: q (B, S, H, D) over caches k / v (B, L, Hkv, D) -> (B, S, H, D).
+
+    One SDPA call over the caches read up to the longest row (a view, no copy). A single new token
+    per row with every row equally long (a lone prompt, the usual decode step) needs no mask;
+    otherwise a boolean (B, 1, S, L) mask marks each query's keys, bottom-right aligned.
+    """
+    s = q.shape[1]
+    longest = max(kv_lengths)
+    # (B, S, H, D) -> (B, H, S, D); the caches likewise, cut to the slots any row uses.
+    qh, kh, vh = q.transpose(1, 2), k[:, :longest].transpose(1, 2), v[:, :longest].transpose(1, 2)
+    mask = None
+    if s > 1 or any(n != longest for n in kv_lengths):
+        lengths = torch.tensor(kv_lengths, device=q.device)
+        query_pos = lengths[:, None] - s + torch.arange(s, device=q.device)  # (B, S)
+        mask = (torch.arange(longest, device=q.device) <= query_pos[..., None])[:, None]  # (B, 1, S, L)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return o.transpose(1, 2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,14 @@ These favour clarity over speed: attention materialises the full (N, N) mask.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from omnicore.ops.segments import Segments
 
-__all__ = ["attention", "apply_rope", "rms_norm", "swiglu", "rotate_half"]
+__all__ = ["attention", "cached_attention", "apply_rope", "rms_norm", "swiglu", "rotate_half"]
 
 
 def attention(
@@ -71,3 +73,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, the gated MLP activation of the text and vision towers."""
     return F.silu(gate) * up
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lengths: Sequence[int],
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of a few new queries over a KV cache, aligned to the bottom-right corner.
+
+    q: (B, S, H, D), the newest S tokens of every row; k, v: (B, L, Hkv, D), each row's cache with
+    its first `kv_lengths[b]` slots valid (the S new tokens' keys already written last among them).
+    Query i of row b sits at position kv_lengths[b] - S + i and attends keys 0 .. that position;
+    slots past kv_lengths[b] are never read. Needs S <= kv_lengths[b] <= L. Returns (B, S, H, D).
+    """
+    s, n_heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    scale = head_dim**-0.5 if scale is None else scale
+    group = n_heads // k.shape[2]
+    out = []
+    for b, n in enumerate(kv_lengths):
+        keys = k[b, :n].repeat_interleave(group, dim=1)  # (n, H, D)
+        values = v[b, :n].repeat_interleave(group, dim=1)
+        query_pos = torch.arange(n - s, n, device=q.device)
+        allowed = torch.arange(n, device=q.device)[None, :] <= query_pos[:, None]  # (S, n)
+        scores = torch.einsum("ihd,jhd->hij", q[b].float(), keys.float()) * scale
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(values.dtype)
+        out.append(torch.einsum("hij,jhd->ihd", probs, values).to(q.dtype))
+    return torch.stack(out)
