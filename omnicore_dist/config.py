@@ -1,6 +1,6 @@
 """The run-config schema: one TOML file, strict, with `--section.key=value` overrides.
 
-Sections (DESIGN.md section 8): `model`, `data`, `parallel`, `train`, `checkpoint`, `log`, `ops`;
+Sections (DESIGN.md section 8): `model`, `data`, `parallel`, `train`, `checkpoint`, `eval`, `log`, `ops`;
 each capability adds its keys to its section here. Model *structure* never appears: it comes from
 the checkpoint's config.json. Loading is strict: an unknown or misspelt key is an error that names
 the nearest valid key; a value of the wrong type is an error naming the key and the expected type.
@@ -95,6 +95,12 @@ class CheckpointSection:
 
 
 @attrs.frozen(kw_only=True)
+class EvalSection:
+    interval: int = 0  # steps between validation-loss runs (and one after the last step); 0: no validation
+    iters: int = 1  # global batches scored per run (the same first iters x global_batch_size validation samples each time)
+
+
+@attrs.frozen(kw_only=True)
 class LogSection:
     interval: int = 1
     warmup_steps: int = 2  # excluded from the end-of-run throughput summary
@@ -115,6 +121,7 @@ class RunConfig:
     data: DataSection = attrs.field(factory=DataSection)
     parallel: ParallelSection = attrs.field(factory=ParallelSection)
     checkpoint: CheckpointSection = attrs.field(factory=CheckpointSection)
+    eval: EvalSection = attrs.field(factory=EvalSection)
     log: LogSection = attrs.field(factory=LogSection)
     ops: OpsSection = attrs.field(factory=OpsSection)
 
@@ -125,8 +132,11 @@ class RunConfig:
         bad = [p for p in self.train.lr_mult if p not in FREEZABLE]
         if bad:
             raise ConfigError(f"train.lr_mult: unknown part(s) {bad}; choose from {list(FREEZABLE)}")
+        if self.eval.interval < 0:
+            raise ConfigError(f"eval.interval must be >= 0 (0: no validation), got {self.eval.interval}")
         for key, value in (("data.micro_batch_size", self.data.micro_batch_size), ("data.global_batch_size", self.data.global_batch_size),
-                           ("train.train_iters", self.train.train_iters), ("log.interval", self.log.interval)):  # fmt: skip
+                           ("train.train_iters", self.train.train_iters), ("log.interval", self.log.interval),
+                           ("eval.iters", self.eval.iters)):  # fmt: skip
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
 

@@ -84,6 +84,7 @@ class RunLog:
         self.enabled = enabled and run_dir is not None
         self.interval, self.warmup_steps = interval, warmup_steps
         self.records: list[dict] = []
+        self.validations: list[dict] = []
         self.run_dir = run_dir
         self.bar = None
         self.tb = None
@@ -125,6 +126,17 @@ class RunLog:
         if self.enabled:
             self.jsonl.write(json.dumps({"event": kind, **fields}) + "\n")
 
+    def validation(self, fields: Mapping) -> None:
+        """A validation-loss run: `{"event": "validation", "step", "val_loss", ...}` in metrics.jsonl."""
+        if not self.enabled:
+            return
+        self.validations.append(dict(fields))
+        self.event("validation", **fields)
+        if self.tb:
+            self.tb.add_scalar("val/loss", fields["val_loss"], fields["step"])
+        self.message(f"validation at step {fields['step']}: loss {fields['val_loss']:.4f}, perplexity {fields['val_ppl']:.4g} "
+                     f"({fields['val_targets']} tokens of {fields['val_samples']} samples, {fields['val_seconds']:.1f} s)")  # fmt: skip
+
     def summary(self) -> dict:
         """Throughput over the steps after warm-up, per device and for the whole job; writes loss.png."""
         if not self.enabled or not self.records:
@@ -142,6 +154,8 @@ class RunLog:
             "final_loss": self.records[-1]["loss"],
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in self.records),
         }
+        if self.validations:
+            out["final_val_loss"] = self.validations[-1]["val_loss"]
         if all("mfu" in r for r in measured):
             out["mfu"] = sum(r["mfu"] for r in measured) / len(measured)
         self.event("summary", **out)

@@ -477,8 +477,20 @@ def convert(script: Script, model: Mapping[str, Any], data: Mapping[str, Any], *
     _apply_script(script, m, hf, ctx, facts)
     _apply_model(model, m, hf, ctx, facts)
     _apply_data(data, m, ctx)
+    _drop_eval_without_validation(m, data)
     _finish(m, hf, model, ctx, facts)
     return m
+
+
+def _drop_eval_without_validation(m: Migration, data: Mapping[str, Any]) -> None:
+    """Megatron skips evaluation when there is no validation data, omnicore stops with an error: a
+    recipe's --eval-interval is carried over only when data.json has a validation split or file."""
+    dataset = data.get("dataset_param") if isinstance(data.get("dataset_param"), Mapping) else {}
+    basic = dataset.get("basic_parameters") if isinstance(dataset.get("basic_parameters"), Mapping) else {}
+    if "eval.interval" in m.values and not (basic.get("val_rate") or basic.get("val_dataset")):
+        _, origins = m.values.pop("eval.interval")
+        m.warnings.append(f"{origins[-1]}: data.json has no validation split or file (basic_parameters.val_rate / "
+                          "val_dataset), so there is nothing to evaluate: eval.interval is left at 0, as Megatron skips it")  # fmt: skip
 
 
 # Output: the TOML text and the terminal summary.

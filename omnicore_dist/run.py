@@ -24,6 +24,7 @@ from omnicore.checkpoint.convert import native_to_hf, side_files
 from omnicore.checkpoint.hf import CheckpointError, load_hf
 from omnicore.checkpoint.native import NativeCheckpoint, file_plan
 from omnicore.config import ConfigError as ModelConfigError
+from omnicore.comm import LOCAL
 from omnicore.config import ThinkerConfig
 from omnicore.data.cache import CacheError, SampleCache, open_cache
 from omnicore.data.config import DataConfigError, load_data_config
@@ -46,6 +47,7 @@ from omnicore_dist.schedule import LRSchedule, lr_at
 from omnicore_dist.comm import TPComm
 from omnicore_dist.tp import grad_roles, norm_weights, shard_for_rank
 from omnicore_dist.train import BadStep, GradBuffer, TPState, part_of, recompute_spec, train_step
+from omnicore_dist.validate import validate, validation_groups
 
 __all__ = ["run", "run_from_file", "Loaded", "load_model", "plan_lines", "memory_estimate", "RUN_ERRORS"]
 
@@ -107,10 +109,10 @@ def _build_token(mesh: Mesh) -> str:
 
 
 def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, mesh: Mesh, run_dir: Path,
-                 show_progress: bool) -> tuple[SampleCache, DataStats, Tokenizer]:  # fmt: skip
-    """Read `data.config`'s training conversations and open their preprocessed cache: the data
-    config's `cache_dir` (default `<run folder>/data_cache`), built once per node and key (several
-    ranks on one node: one builds, the others wait for it on the key's lock)."""
+                 show_progress: bool) -> tuple[SampleCache, SampleCache | None, DataStats, Tokenizer]:  # fmt: skip
+    """Read `data.config`'s conversations and open their preprocessed caches (training, and validation
+    when `eval.interval` asks for it): the data config's `cache_dir` (default `<run folder>/data_cache`),
+    built once per node and key (several ranks on one node: one builds, the others wait on the key's lock)."""
     if not cfg.data.config:
         raise ConfigError("data.config is empty: name a data config (MindSpeed data.json)")
     dcfg = load_data_config(_path(base, cfg.data.config), length=LengthPolicy(max_seq_len=cfg.data.seq_length), seed=cfg.data.seed)
@@ -119,13 +121,19 @@ def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, mesh: Mesh, run_
     tokenizer.check_config(loaded.cfg)
     convs = dcfg.read_conversations()
     ctx = SampleContext.for_data(dcfg, tokenizer, loaded.cfg)
-    cache = open_cache(dcfg.cache_dir or run_dir / "data_cache", convs.train, ctx, tokenizer_dir=folder,
-                       overwrite=dcfg.overwrite_cache, build_token=_build_token(mesh), workers=dcfg.num_workers,
-                       on_bad_sample=dcfg.on_bad_sample, progress=show_progress)  # fmt: skip
+    token = _build_token(mesh)
+
+    def cached(convs_part):
+        return open_cache(dcfg.cache_dir or run_dir / "data_cache", convs_part, ctx, tokenizer_dir=folder,
+                          overwrite=dcfg.overwrite_cache, build_token=token, workers=dcfg.num_workers,
+                          on_bad_sample=dcfg.on_bad_sample, progress=show_progress)  # fmt: skip
+
+    cache = cached(convs.train)
     stats = convs.stats.merge(cache.stats)
     if not len(cache):
         raise ConfigError(f"data.config: no usable sample ({stats.dropped} dropped)\n{stats.report()}")
-    return cache, stats, tokenizer
+    val = cached(convs.val) if cfg.eval.interval and convs.val else None
+    return cache, val, stats, tokenizer
 
 
 def _dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -232,10 +240,10 @@ def _plain_state(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torc
     return zero_to_plain(list(zip(states, metas))) if metas[0] is not None else states[0]
 
 
-def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None, dry_run: bool = False,
-        decode: Callable | None = None, stop_after: int | None = None) -> dict:  # fmt: skip
-    """Train (or plan, with `dry_run`). `samples` are processed samples (omnicore.data.collate's
-    format); `stop_after` ends the loop early after that many steps (tests of resume)."""
+def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None, val_samples: Sequence[Mapping] | None = None,
+        dry_run: bool = False, decode: Callable | None = None, stop_after: int | None = None) -> dict:  # fmt: skip
+    """Train (or plan, with `dry_run`). `samples` and `val_samples` are processed samples (omnicore.data.collate's
+    format) used instead of `data.config`'s; `stop_after` ends the loop early after that many steps (tests of resume)."""
     rank, world = init_distributed(cfg.parallel.timeout_minutes)
     pp = len(cfg.parallel.llm_pp_layers or (1,))
     mesh = build_mesh(world, rank, tp=cfg.parallel.tp, pp=pp)
@@ -260,10 +268,14 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
     stats = DataStats()
     if samples is None:
-        source, stats, tokenizer = load_samples(cfg, base, loaded, mesh=mesh, run_dir=run_dir, show_progress=mesh.is_main and cfg.log.progress)
+        source, val_source, stats, tokenizer = load_samples(cfg, base, loaded, mesh=mesh, run_dir=run_dir,
+                                                            show_progress=mesh.is_main and cfg.log.progress)  # fmt: skip
         decode = decode or tokenizer.decode
     else:
-        source = MemorySamples(samples)
+        source, val_source = MemorySamples(samples), MemorySamples(val_samples) if val_samples else None
+    if cfg.eval.interval and (val_source is None or not len(val_source)):
+        raise ConfigError("eval.interval is set but there are no validation samples: give the data config a validation "
+                          "split or file (MindSpeed basic_parameters.val_rate / val_dataset; omnicore val_ratio / val_datasets)")  # fmt: skip
     frozen = set(cfg.model.freeze)
     # One canonical parameter order (the model definition's), whatever the checkpoint's file order:
     # sums over parameters (gradient norm) must not depend on where the weights came from.
@@ -320,6 +332,8 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         )  # fmt: skip
 
     last = cfg.train.train_iters if stop_after is None else min(cfg.train.train_iters, step + stop_after)
+    val_groups = validation_groups(len(val_source), limit=cfg.eval.iters * cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
+                                   dp_size=mesh.dp, dp_rank=mesh.dp_rank) if cfg.eval.interval else []  # fmt: skip
     # Workers load and collate ahead; the position (samples consumed) is all a resume needs.
     batches = Loader(source, sampler, dp_rank=mesh.dp_rank, num_workers=cfg.data.num_workers, stats=stats).steps(consumed)
     try:
@@ -343,6 +357,12 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
                                 step_seconds=time.perf_counter() - started, data_seconds=data_seconds, devices=mesh.world,
                                 skipped=not result.applied, flops=result.flops * mesh.dp, data_stats=_stat_counts(stats),
                                 peak_flops_per_device=cfg.log.peak_tflops * 1e12))  # fmt: skip
+            if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.train_iters):
+                scored = validate(loaded.params, loaded.cfg, val_source, val_groups, step=step, mesh=mesh, ops=ops,
+                                  comm=tp_state.comm if tp_state else LOCAL, stats=stats)  # fmt: skip
+                for problem in scored.problems:
+                    log.message(problem)
+                log.validation(scored.as_event())
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < last:
                 last_saved = save(step)
         last_saved = save(step)

@@ -34,7 +34,7 @@ from omnicore.data.errors import DataStats
 from omnicore.data.sampler import StepSampler
 from omnicore.data.workers import WorkerDied, worker_map
 
-__all__ = ["SampleSource", "MemorySamples", "StepBatch", "Loader", "group_by_tokens", "step_plan"]
+__all__ = ["SampleSource", "MemorySamples", "StepBatch", "Loader", "group_by_tokens", "step_plan", "load_micro_batches"]
 
 
 class SampleSource(Protocol):
@@ -147,6 +147,22 @@ class _LoadTask:
             return self.one(item)
         loaded = [self.one(i) for i in item.samples]
         return item, self.collate([s for s, _ in loaded if s is not None]), [e for _, events in loaded for e in events]
+
+
+def load_micro_batches(source: SampleSource, groups: Sequence[Sequence[int]], *, stats: DataStats | None = None,
+                       packing: bool = True, pad_id: int = 0) -> Iterator[tuple[dict[str, torch.Tensor] | None, tuple[str, ...]]]:  # fmt: skip
+    """Collate each group of sample indices in this process (validation, tools), with the training
+    loader's handling of bad samples: (micro-batch or None when every sample was dropped, problems)."""
+    task = _LoadTask(source, packing, pad_id)
+    for group in groups:
+        loaded = [task.one(i) for i in group]
+        problems = []
+        for _, events in loaded:
+            for key, message in events:
+                if stats is not None:
+                    stats.count(key)
+                problems.append(message)
+        yield task.collate([s for s, _ in loaded if s is not None]), tuple(problems)
 
 
 class Loader:

@@ -12,7 +12,7 @@ import pytest
 
 from omnicore_dist.config import RunConfig, load_run_config
 from omnicore_dist.migrate import Context, Migration, convert, main, migrate_files, parse_script, render_toml
-from omnicore_dist.recipe_map import ROWS, Row
+from omnicore_dist.recipe_map import ROWS, Row, lookup
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "tests/fixtures/recipe"
@@ -77,6 +77,8 @@ KEY_CASES: dict[str, tuple[Any, dict[str, Any], dict]] = {
     "--lr-decay-style": ("linear", {"train.lr_decay_style": "linear"}, {}),
     "--weight-decay": ("0.1", {"train.weight_decay": 0.1}, {}),
     "--train-iters": ("77", {"train.train_iters": 77}, {}),
+    "--eval-interval": ("100", {"eval.interval": 100}, {"data": {"basic_parameters.val_rate": 0.05}}),
+    "--eval-iters": ("20", {"eval.iters": 20}, {}),
     "--lr-warmup-fraction": ("0.05", {"train.lr_warmup_fraction": 0.05}, {}),
     "--clip-grad": ("1.0", {"train.clip_grad": 1.0}, {}),
     "--adam-beta1": ("0.8", {"train.adam_beta1": 0.8}, {}),
@@ -128,8 +130,6 @@ for _tower, _prefix in (("vision", "image_encoder.vision_encoder"), ("audio", "a
                                             {"model": {f"{_prefix}.recompute_granularity": "full", f"{_prefix}.recompute_method": "uniform"}}),
     }  # fmt: skip
 PLANNED_CASES = {
-    "--eval-interval": ("100", {"eval.interval": 100}),
-    "--eval-iters": ("20", {"eval.iters": 20}),
     "--lora-target-modules": ("linear_qkv linear_proj", {"lora.target_modules": ("linear_qkv", "linear_proj")}),
     "--lora-r": ("8", {"lora.rank": 8}),
     "--lora-alpha": ("16", {"lora.alpha": 16.0}),
@@ -199,6 +199,8 @@ def recipe_with(row: Row, value: Any, extra: dict | None = None) -> tuple[str, d
         data = data_with(row.name, value)
     for path, v in extra.get("model", {}).items():
         model = nested(model, path, v)
+    for path, v in extra.get("data", {}).items():
+        data = nested(data, f"dataset_param.{path}", v)
     return script(**kw), model, data
 
 
@@ -221,6 +223,14 @@ def test_key_rows_set_their_keys(row, tmp_path):
     for key, want in expected.items():
         assert config_value(cfg, key) == want, key
         assert any(row.name in origin for origin in m.values[key][1]), f"{key}'s comment names {row.name}"
+
+
+def test_eval_interval_without_validation_data_is_dropped_with_a_warning(tmp_path):
+    row = lookup("flag", "--eval-interval")
+    m, ctx = migrate(tmp_path, *recipe_with(row, "100"))
+    assert "eval.interval" not in m.values
+    assert any("--eval-interval" in w and "no validation split" in w for w in m.warnings)
+    assert config_value(loaded(tmp_path, m, ctx), "eval.interval") == 0
 
 
 @pytest.mark.parametrize("row", rows("planned"))

@@ -1,7 +1,8 @@
 """One rank of a training run for the multi-process tests: `train_worker.py JOB_JSON`.
 
 JOB: hf (the HF folder), base (run base folder), overrides (run-config overrides), layout
-("mixed": ranks alternate text-only and image + audio micro-batches), iters, stop_after (optional)."""
+("mixed": ranks alternate text-only and image + audio micro-batches), iters, stop_after (optional),
+val (optional: validation every two steps on `val_samples`)."""
 
 from __future__ import annotations
 
@@ -41,8 +42,16 @@ progress = false
 """
 
 
+# Validation runs (tests/train/test_validation.py): five held-out samples, every two steps.
+EVAL_OVERRIDES = ["--eval.interval=2", "--eval.iters=2"]
+
+
 def samples() -> list:
     return [_sample(p, i) for i, p in enumerate(MIXED)]
+
+
+def val_samples() -> list:
+    return [_sample(p, 100 + i) for i, p in enumerate(MIXED[1:6])]
 
 
 def main(job: dict) -> None:
@@ -50,8 +59,9 @@ def main(job: dict) -> None:
     base = Path(job["base"])
     base.mkdir(parents=True, exist_ok=True)
     (base / "run.toml").write_text(CONFIG.format(hf=job["hf"], iters=job["iters"]))
-    cfg = load_run_config(base / "run.toml", job["overrides"])
-    run(cfg, base=base, samples=samples(), stop_after=job.get("stop_after"))
+    validating = job.get("val", False)
+    cfg = load_run_config(base / "run.toml", job["overrides"] + (EVAL_OVERRIDES if validating else []))
+    run(cfg, base=base, samples=samples(), val_samples=val_samples() if validating else None, stop_after=job.get("stop_after"))
 
 
 if __name__ == "__main__":
