@@ -195,7 +195,8 @@ class SafetensorsWriter:
     whole tensor set must be known up front (it always is: shapes come from the layout).
     The sha256 of each chunk is computed on a helper thread while the chunk is written (both
     release the GIL), so hashing costs no extra wall time; `hash=False` skips it.
-    `close()` flushes and fsyncs; `sha256` and `nbytes` describe the finished file.
+    `close()` flushes and fsyncs (`durable=False`: no fsync, for files whose loss a reader detects
+    and repairs); `sha256` and `nbytes` describe the finished file.
     """
 
     def __init__(
@@ -205,8 +206,10 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
         *,
         hash: bool = True,
+        durable: bool = True,
     ):
         self.path = Path(path)
+        self.durable = durable
         header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
         self._sizes: list[tuple[str, int]] = []
@@ -253,7 +256,8 @@ class SafetensorsWriter:
             missing = [n for n, _ in self._sizes[self._next :]]
             self.abort()
             raise ValueError(f"{self.path}: closed before writing {len(missing)} tensor(s), first {missing[0]!r}")
-        os.fsync(self._file.fileno())
+        if self.durable:
+            os.fsync(self._file.fileno())
         self.abort()
 
     def abort(self) -> None:

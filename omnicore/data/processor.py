@@ -170,19 +170,50 @@ def flatten_patches(frames: torch.Tensor, cfg: ProcessorConfig) -> tuple[torch.T
     return x.reshape(gt * gh * gw, c * tps * p * p), torch.tensor([gt, gh, gw], dtype=torch.long)
 
 
+def _image_levels(cfg: ProcessorConfig) -> np.ndarray:
+    """(256, 3) float32: the 4.52 slow image processor's value for each uint8 level of each channel,
+    x * (1/255) in float64 cast to float32, then (x - mean) / std in float32."""
+    x = (torch.arange(256, dtype=torch.float64)[:, None].expand(256, 3) * (1 / 255)).to(torch.float32)
+    return ((x - torch.tensor(cfg.image_mean, dtype=torch.float32)) / torch.tensor(cfg.image_std, dtype=torch.float32)).numpy()
+
+
+def _normalise_image(pixels: np.ndarray, cfg: ProcessorConfig) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 by table lookup. The processor's arithmetic is elementwise
+    on uint8 input and IEEE operations are correctly rounded, so each value is exactly its result,
+    without the float64 pass over every pixel."""
+    levels = _image_levels(cfg)
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        out[c] = levels[:, c][pixels[..., c]]
+    return torch.from_numpy(out)
+
+
+def _single_frame_patches(frame: torch.Tensor, cfg: ProcessorConfig) -> torch.Tensor:
+    """`flatten_patches` of one (C, H, W) frame repeated over the temporal patch, with the repeat
+    made by the final copy (an expanded view) instead of a copy of its own."""
+    tps, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
+    c, h, w = frame.shape
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"frame size {h}x{w} is not a multiple of {p * m}: resize first")
+    gh, gw = h // p, w // p
+    # (C, H, W) -> (gh/m, gw/m, m, m, C, 1, p, p) -> repeated over tps: rows and columns as flatten_patches
+    x = frame.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None]
+    return x.expand(gh // m, gw // m, m, m, c, tps, p, p).reshape(gh * gw, c * tps * p * p)
+
+
 def process_image(image: Image.Image, cfg: ProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """An RGB PIL image -> pixel_values (N, 1176) float32 and grid_thw (3,) = (1, H/14, W/14).
 
     As the 4.52 slow processor: PIL bicubic resize to `image_size`, x * (1/255) in float64 cast to
-    float32, (x - mean) / std in float32; the single frame is repeated to fill the temporal patch.
+    float32, (x - mean) / std in float32 (by exact table lookup); the single frame is repeated to
+    fill the temporal patch.
     """
     height, width = image_size(image.height, image.width, cfg)
     if (width, height) != image.size:
         image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-    x = (pixels.to(torch.float64) * (1 / 255)).to(torch.float32)
-    x = (x - torch.tensor(cfg.image_mean, dtype=torch.float32)) / torch.tensor(cfg.image_std, dtype=torch.float32)
-    return flatten_patches(x.permute(2, 0, 1)[None], cfg)  # (H, W, C) -> (1, C, H, W)
+    frame = _normalise_image(np.asarray(image, dtype=np.uint8), cfg)
+    grid = torch.tensor([1, height // cfg.patch_size, width // cfg.patch_size], dtype=torch.long)
+    return _single_frame_patches(frame, cfg), grid
 
 
 def process_video(frames: torch.Tensor, cfg: ProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:

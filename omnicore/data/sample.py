@@ -164,23 +164,28 @@ def _fit(conv: Conversation, enc: Encoded, shapes: MediaShapes, ctx: SampleConte
     raise BadSample(Problem.TOO_LONG, f"{len(enc.input_ids)} tokens, over max_seq_len {limit}")
 
 
+def _joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat, without copying the common single item (tens of MB for a large image)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def _media_keys(images: list, videos: list, clips: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The thinker's batch keys for processed items, each kind concatenated in placeholder order."""
     media = {}
     if images:
         media |= {
-            "pixel_values": torch.cat([v for v, _ in images]),
+            "pixel_values": _joined([v for v, _ in images]),
             "image_grid_thw": torch.stack([g for _, g in images]),
         }
     if videos:
         media |= {
-            "pixel_values_videos": torch.cat([v for v, _, _ in videos]),
+            "pixel_values_videos": _joined([v for v, _, _ in videos]),
             "video_grid_thw": torch.stack([g for _, g, _ in videos]),
             "video_second_per_grid": torch.tensor([s for _, _, s in videos], dtype=torch.float32),
         }
     if clips:  # packed audio form: (n_mels, sum L) and each clip's L
         lengths = torch.tensor([c.shape[1] for c in clips], dtype=torch.long)
-        media |= {"input_features": torch.cat(clips, dim=1), "audio_feature_lengths": lengths}
+        media |= {"input_features": _joined(clips, dim=1), "audio_feature_lengths": lengths}
     return media
 
 

@@ -149,7 +149,7 @@ def test_a_build_with_worker_processes_equals_one_without(dataset, model_dir, tm
     alone = open_cache(tmp_path / "a", convs, ctx, tokenizer_dir=model_dir, progress=False)
     pooled = open_cache(tmp_path / "b", convs, ctx, tokenizer_dir=model_dir, progress=False, workers=2, shard_samples=2)
     assert pooled.key == alone.key and len(pooled.entries) == 6 and len({e.shard for e in pooled.entries}) == 3
-    assert [e.crc for e in pooled.entries] == [e.crc for e in alone.entries]
+    assert [e.checksum for e in pooled.entries] == [e.checksum for e in alone.entries]
     assert_same(all_samples(pooled), all_samples(alone))
     assert pooled.stats.counts == alone.stats.counts
 
