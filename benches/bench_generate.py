@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -28,38 +27,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from bench_thinker import BENCH_CONFIG, hf_thinker  # noqa: E402
 from common import gate, ratio_summary, write_record  # noqa: E402
 from hf_reference import Piece, build_batch  # noqa: E402
 
 import omnicore  # noqa: E402
-from omnicore.checkpoint.hf import params_to_hf  # noqa: E402
-from omnicore.config import AudioConfig, TextConfig, ThinkerConfig, TokenIds, VisionConfig  # noqa: E402
 from omnicore.generate import generate_steps  # noqa: E402
 
 # The goal of issue 10 (decode tokens/s vs transformers, tiny config); kept here until benches/thresholds.toml takes it.
 DECODE_RATIO = 1.5
 NEW_TOKENS = 64
 
-# bench_thinker.py's shape: a small but not degenerate decoder (4 layers, 256 wide, GQA 4 / 2).
-SMALL = ThinkerConfig(
-    text=TextConfig(
-        vocab_size=4096, hidden=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn=704,
-        rope_theta=1e6, rms_eps=1e-6, mrope_section=(8, 12, 12),
-    ),
-    vision=VisionConfig(
-        depth=4, hidden=128, n_heads=2, ffn=256, in_channels=3, patch_size=14, temporal_patch_size=2,
-        spatial_merge_size=2, window_size=112, fullatt_blocks=(1, 3), out_hidden=256,
-    ),
-    audio=AudioConfig(
-        n_mels=128, d_model=128, n_layers=4, n_heads=2, ffn=512, max_source_positions=1500,
-        n_window=100, output_dim=256,
-    ),
-    tokens=TokenIds(audio=4000, audio_start=4001, audio_end=4002, vision_start=4003, vision_end=4004, image=4005, video=4006),
-    position_id_per_seconds=25,
-    seconds_per_chunk=2,
-)  # fmt: skip
-
-CONFIGS = {"tiny": omnicore.TINY, "small": SMALL}
+CONFIGS = {"tiny": omnicore.TINY, "small": BENCH_CONFIG}  # small: bench_thinker.py's 4-layer, 256-wide shape
 GATED = ("tiny",)
 WORKLOADS = {
     "text": [[Piece("text", 128)]],
@@ -80,25 +59,12 @@ class _Clock:
         pass
 
 
-def _hf_model(cfg: ThinkerConfig, params):
-    from transformers import (
-        Qwen2_5OmniThinkerConfig,
-        Qwen2_5OmniThinkerForConditionalGeneration,
-    )
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(Qwen2_5OmniThinkerConfig(**cfg.to_hf()), attn_implementation="sdpa")
-    model.load_state_dict(params_to_hf(params, prefix=""), strict=False)
-    return model.eval()
-
-
 @pytest.mark.parametrize("workload", WORKLOADS)
 @pytest.mark.parametrize("size", CONFIGS)
 def test_generate_vs_hf(size, workload, bench_rounds, benchmark):
     cfg = CONFIGS[size]
     params = omnicore.init_thinker(cfg, seed=0, std=0.05)
-    model = _hf_model(cfg, params)
+    model = hf_thinker(params, cfg).eval()
     batch = {k: v for k, v in build_batch(cfg, WORKLOADS[workload], seed=1).items() if k != "labels"}
     ops = omnicore.ops.resolve("auto", "cpu")
 

@@ -51,14 +51,13 @@ WORKLOADS = {
 }
 
 
-def _hf_model(params):
+def hf_thinker(params, cfg: ThinkerConfig = BENCH_CONFIG):
+    """transformers' thinker (SDPA attention) holding `params`, in training mode."""
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(
-            Qwen2_5OmniThinkerConfig(**BENCH_CONFIG.to_hf()), attn_implementation="sdpa"
-        )
+        model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(Qwen2_5OmniThinkerConfig(**cfg.to_hf()), attn_implementation="sdpa")
     model.load_state_dict(params_to_hf(params, prefix=""), strict=False)
     return model.train()
 
@@ -66,7 +65,7 @@ def _hf_model(params):
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_thinker_step_vs_hf(workload, bench_rounds, benchmark):
     params = omnicore.init_thinker(BENCH_CONFIG, seed=0, std=0.05)
-    model = _hf_model(params)
+    model = hf_thinker(params)
     batch = build_batch(BENCH_CONFIG, WORKLOADS[workload], seed=1)
     tokens = int(batch["attention_mask"].sum())
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import attrs
@@ -27,12 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_thinker import BENCH_CONFIG, _hf_model  # noqa: E402
+from bench_thinker import BENCH_CONFIG, hf_thinker  # noqa: E402
 from common import alternate, ratio_summary, write_record  # noqa: E402
 from hf_reference import Piece, build_batch, hf_kwargs  # noqa: E402
 
 import omnicore  # noqa: E402
-from omnicore.checkpoint.hf import params_to_hf  # noqa: E402
 from omnicore.config import TextConfig, ThinkerConfig  # noqa: E402
 from omnicore.models.thinker import prepare_inputs  # noqa: E402
 from omnicore.ops import resolve  # noqa: E402
@@ -72,23 +70,11 @@ def matmul_rate(n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _hf(cfg: ThinkerConfig, params):
-    if cfg is BENCH_CONFIG:
-        return _hf_model(params)
-    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(Qwen2_5OmniThinkerConfig(**cfg.to_hf()), attn_implementation="sdpa")
-    model.load_state_dict(params_to_hf(params, prefix=""), strict=False)
-    return model.train()
-
-
 def _steps(name: str):
     """(omnicore step, HF step, real tokens, FLOPs per step) for a workload."""
     cfg, rows = WORKLOADS[name]
     params = omnicore.init_thinker(cfg, seed=0, std=0.02)
-    model = _hf(cfg, params)
+    model = hf_thinker(params, cfg)
     batch = build_batch(cfg, rows, seed=1, padding="right")
     leaves = {k: v.clone().requires_grad_(k != "audio.bos_eos.weight") for k, v in params.items()}
     trainable = {k: v for k, v in leaves.items() if v.requires_grad}
