@@ -249,9 +249,14 @@ def resolve_step(root: str | Path, iteration: int | None = None) -> Path:
     if tracked == "release":
         return root / "release"
     try:
-        return root / step_dirname(int(tracked))
+        step = root / step_dirname(int(tracked))
     except ValueError:
         raise CheckpointError(f"{root / TRACKER}: expected 'release' or an iteration number, found {tracked!r}") from None
+    if not step.exists():
+        present = sorted(p.name for p in root.glob("iter_*") if (p / META).exists())
+        raise CheckpointError(f"{root / TRACKER} names iteration {tracked}, but {step.name} does not exist (a damaged or edited "
+                              f"tracker); complete checkpoints here: {', '.join(present) or 'none'}")  # fmt: skip
+    return step
 
 
 class NativeCheckpoint:
