@@ -11,8 +11,8 @@ named here), processed and laid out by the chat template with its generation pro
 `<image>` / `<video>` / `<audio>` tags in the question the media come first, in that order. In
 interactive mode the conversation keeps its history and the media belong to the first question.
 Decoding uses the KV cache (omnicore.generate): greedy by default, `--temperature` / `--top-k` /
-`--top-p` / `--seed` to sample. `load_model` takes an `adapters` function applied to the loaded
-parameters: the hook for LoRA adapters (issue 8).
+`--top-p` / `--seed` to sample. `--adapters DIR` merges LoRA adapters (an omnicore adapter
+checkpoint trained on `--ckpt`, or a PEFT folder) into the model (`load_model(adapters=...)`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from omnicore.data.sample import SampleContext, process_sample
 from omnicore.data.template import TemplateConfig
 from omnicore.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from omnicore.generate import GREEDY, Sampling, generate_steps
+from omnicore.lora import LoraError
 from omnicore.models.decode import CacheFullError
 from omnicore.models.positions import PositionError
 from omnicore.ops import Ops, resolve
@@ -49,7 +50,8 @@ __all__ = ["InferenceModel", "load_model", "model_from_args", "prompt_batch", "s
 DEFAULT_PROCESSOR, DEFAULT_TEMPLATE = ProcessorConfig(), TemplateConfig()
 DEFAULT_MAX_POSITIONS = 32768  # Qwen2.5-Omni's max_position_embeddings, when config.json omits it
 # Everything a user can get wrong (paths, files, lengths, configs): reported in one line, no traceback.
-USER_ERRORS = (BadSample, MediaError, CheckpointError, TokenizerError, CacheFullError, ConfigError, DataConfigError, PositionError, OSError)
+USER_ERRORS = (BadSample, MediaError, CheckpointError, TokenizerError, CacheFullError, ConfigError, DataConfigError, PositionError, LoraError,
+               OSError)  # fmt: skip
 
 
 @attrs.frozen(kw_only=True)
@@ -236,6 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--dtype", choices=["original", "float32", "bfloat16", "float16"], default="original")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, npu:0")
+    p.add_argument("--adapters", type=Path, help="LoRA adapters to merge: an omnicore adapter checkpoint trained on --ckpt, or a PEFT folder")
     return p
 
 
@@ -246,6 +249,10 @@ def model_from_args(args: argparse.Namespace) -> InferenceModel:
         data = load_data_config(args.data_config)
         settings = {"processor": data.processor, "template": data.template}
     dtype = None if args.dtype == "original" else getattr(torch, args.dtype)
+    if getattr(args, "adapters", None) is not None:
+        from omnicore.checkpoint.lora_io import adapter_merger  # LoRA: merged once, at load
+
+        settings["adapters"] = adapter_merger(args.adapters, args.ckpt)
     return load_model(args.ckpt, tokenizer=args.tokenizer, dtype=dtype, device=args.device, iteration=args.iteration, **settings)
 
 

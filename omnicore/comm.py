@@ -9,19 +9,24 @@ Sequence parallelism (`sequence_parallel`): inside the decoder layers activation
 tokens; `enter_tp` then all-gathers tokens and `exit_tp` reduce-scatters them, `scatter_tokens` /
 `gather_tokens` enter and leave the split region, and `replicated()` is the Comm for everything
 outside it (encoders, embedding, head), where activations are whole on every rank.
+`encoder(tower)` says how an encoder runs inside the LLM's TP group (DESIGN.md section 5, hetero
+parallel): with its own, smaller TP `comm` on `dp_size` data-parallel replicas, each encoding the
+media of its share of the micro-batch's samples, `gather_features` joining the replicas' features
+in sample order. Without hetero parallelism (and in `LOCAL`) it is one replica on the whole batch.
 `LOCAL` is the single-process identity, so the pure core runs with no setup; `omnicore_dist` passes
 an implementation bound to explicit process groups.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Comm", "LocalComm", "LOCAL", "row_linear"]
+__all__ = ["Comm", "EncoderComm", "WholeBatch", "LocalComm", "LOCAL", "row_linear"]
 
 
 class Comm(Protocol):
@@ -42,6 +47,34 @@ class Comm(Protocol):
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def replicated(self) -> Comm: ...
+
+    def encoder(self, tower: str) -> EncoderComm: ...
+
+
+class EncoderComm(Protocol):
+    """How one encoder tower ("vision" / "audio") runs: its own TP seams, and its data-parallel
+    replicas inside the LLM's TP group (replica `dp_rank` of `dp_size`)."""
+
+    comm: Comm
+    dp_size: int
+    dp_rank: int
+
+    def gather_features(self, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """This replica's features (rows[dp_rank], C) -> every replica's, in replica order (sum rows, C);
+        the gradient flows back to each replica's own rows."""
+        ...
+
+
+@attrs.frozen
+class WholeBatch:
+    """One replica encodes the whole micro-batch with `comm` (no encoder data parallelism)."""
+
+    comm: Comm
+    dp_size: int = 1
+    dp_rank: int = 0
+
+    def gather_features(self, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        return x
 
 
 @attrs.frozen
@@ -73,6 +106,9 @@ class LocalComm:
 
     def replicated(self) -> LocalComm:
         return self
+
+    def encoder(self, tower: str) -> WholeBatch:
+        return WholeBatch(self)
 
 
 LOCAL = LocalComm()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from omnicore.checkpoint.commit import META, StepWriter, read_tracker, step_dirname
+from omnicore.checkpoint.lora_io import adapter_file
 from omnicore.checkpoint.native import NativeCheckpoint, native_meta, write_rank_files
 from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
 from omnicore.config import ThinkerConfig
@@ -64,6 +65,8 @@ class SaveRequest:
     run_config: str  # the resolved run config (TOML)
     hf_files: Mapping[str, Path]
     keep_last: int = 0
+    adapters: Mapping[str, torch.Tensor] | None = None  # LoRA: this rank's adapter pieces, saved instead of the model
+    extra_meta: Mapping | None = None  # more meta.json entries (LoRA: spec and base)
 
 
 def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
@@ -76,7 +79,9 @@ def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
         mine.append(_write_tensors(tmp / _rank_file("rng", mesh.tp_rank, mesh.dp_rank), rng_state()))
     if req.optimizer is not None and (req.zero_sharded or mesh.dp_rank == 0):
         mine.append(_write_tensors(tmp / _rank_file("optim", mesh.tp_rank, mesh.dp_rank if req.zero_sharded else None), req.optimizer()))
-    if mesh.dp_rank == 0:  # each TP rank writes its own pieces of the model; DP replicas write nothing
+    if mesh.dp_rank == 0 and req.adapters is not None:  # LoRA: the adapters only, never the frozen base
+        mine.append(_write_tensors(tmp / adapter_file(mesh.tp_rank), {k: v.detach() for k, v in req.adapters.items()}))
+    elif mesh.dp_rank == 0:  # each TP rank writes its own pieces of the model; DP replicas write nothing
         mine += write_rank_files(tmp, req.cfg, req.layout, req.params, mesh.tp_rank)
     records = _gather(mine, mesh)
     out = None
@@ -94,6 +99,7 @@ def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
             "dp_size": mesh.dp,
             "tp_size": mesh.tp,
             "zero_sharded": req.zero_sharded,
+            **(req.extra_meta or {}),
         })  # fmt: skip
         out = step.commit(meta)
         rotate(req.root, req.keep_last)

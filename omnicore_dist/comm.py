@@ -13,9 +13,13 @@ instead of (K, V) logits), and the backward (softmax - one-hot) stays local.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 import torch
 import torch.distributed as dist
+
+from omnicore.comm import EncoderComm, WholeBatch
 
 __all__ = ["TPComm"]
 
@@ -146,6 +150,7 @@ class TPComm:
     tp_rank: int
     tp_size: int
     sequence_parallel: bool = False
+    encoders: Mapping[str, EncoderComm] = attrs.field(factory=dict)  # hetero parallel: tower -> its replicas (omnicore_dist.hetero)
 
     def enter_tp(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -167,6 +172,10 @@ class TPComm:
     def replicated(self) -> TPComm:
         """The Comm for regions whose activations are whole on every rank."""
         return attrs.evolve(self, sequence_parallel=False) if self.sequence_parallel else self
+
+    def encoder(self, tower: str) -> EncoderComm:
+        """The tower's hetero replicas, or the whole batch on this TP group (activations whole)."""
+        return self.encoders.get(tower) or WholeBatch(self.replicated())
 
     def vocab_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return _VocabCrossEntropy.apply(logits, targets, self.group, self.tp_rank)

@@ -1,6 +1,6 @@
 """The run-config schema: one TOML file, strict, with `--section.key=value` overrides.
 
-Sections (DESIGN.md section 8): `model`, `data`, `parallel`, `train`, `checkpoint`, `eval`, `log`, `ops`;
+Sections (DESIGN.md section 8): `model`, `data`, `parallel`, `train`, `checkpoint`, `eval`, `lora`, `log`, `ops`;
 each capability adds its keys to its section here. Model *structure* never appears: it comes from
 the checkpoint's config.json. Loading is strict: an unknown or misspelt key is an error that names
 the nearest valid key; a value of the wrong type is an error naming the key and the expected type.
@@ -43,6 +43,10 @@ class DataSection:
     seq_length: int = 3072
     micro_batch_size: int = 1
     global_batch_size: int = 1
+    # Token budget per micro-batch (0: micro_batch_size samples each). A rank's global_batch / dp
+    # samples are cut, in order, into micro-batches of at most this many tokens (packed; a longer
+    # sample alone); micro_batch_size then only has to divide global_batch / dp.
+    micro_batch_tokens: int = 0
     num_workers: int = 0
     seed: int = 42
     shuffle: bool = True
@@ -57,6 +61,7 @@ class ParallelSection:
     vit_pp_layers: tuple[int, ...] | None = None
     audio_pp_layers: tuple[int, ...] | None = None
     sequence_parallel: bool = False  # split the decoder layers' norm regions along tokens (needs tp > 1)
+    cp: int = 1  # context-parallel size: only 1 (context parallelism is not built)
     distributed_optimizer: bool = False  # ZeRO-1 over the data-parallel group
     timeout_minutes: float = 30.0  # collectives that take longer fail, naming the operation
 
@@ -92,12 +97,30 @@ class CheckpointSection:
     load_rng: bool = True
     export_hf: str = ""  # write an HF folder (talker kept) at the end; needs the original HF folder
     hf_dir: str = ""  # the original HF folder for export (default: model.load when it is one)
+    # A `save` folder that already holds checkpoints (a restarted or re-submitted job): continue from its
+    # newest ("auto"), or stop with an error ("never") rather than train over it.
+    resume: Literal["auto", "never"] = "auto"
 
 
 @attrs.frozen(kw_only=True)
 class EvalSection:
     interval: int = 0  # steps between validation-loss runs (and one after the last step); 0: no validation
     iters: int = 1  # global batches scored per run (the same first iters x global_batch_size validation samples each time)
+
+
+@attrs.frozen(kw_only=True)
+class LoraSection:
+    """LoRA fine-tuning (omnicore.lora): on when `targets` is non-empty; then only the adapters train
+    and checkpoints hold only them (+ optimizer), recording `model.load` as their base."""
+
+    targets: tuple[str, ...] = ()  # --lora-target-modules: MindSpeed (linear_qkv ...), PEFT (q_proj ...) names, or "all"
+    r: int = 16  # --lora-r
+    alpha: float = 32.0  # --lora-alpha
+    dropout: float = 0.0  # --lora-dropout
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    towers: tuple[str, ...] = ("llm",)  # which towers' blocks get adapters: llm, vision, audio
+    load: str = ""  # an adapter checkpoint to continue from (its recorded base must be model.load)
+    export_peft: str = ""  # write a PEFT adapter folder for the HF thinker at the end
 
 
 @attrs.frozen(kw_only=True)
@@ -122,6 +145,7 @@ class RunConfig:
     parallel: ParallelSection = attrs.field(factory=ParallelSection)
     checkpoint: CheckpointSection = attrs.field(factory=CheckpointSection)
     eval: EvalSection = attrs.field(factory=EvalSection)
+    lora: LoraSection = attrs.field(factory=LoraSection)
     log: LogSection = attrs.field(factory=LogSection)
     ops: OpsSection = attrs.field(factory=OpsSection)
 
@@ -132,6 +156,8 @@ class RunConfig:
         bad = [p for p in self.train.lr_mult if p not in FREEZABLE]
         if bad:
             raise ConfigError(f"train.lr_mult: unknown part(s) {bad}; choose from {list(FREEZABLE)}")
+        if self.data.micro_batch_tokens < 0:
+            raise ConfigError(f"data.micro_batch_tokens must be >= 0 (0: no token budget), got {self.data.micro_batch_tokens}")
         if self.eval.interval < 0:
             raise ConfigError(f"eval.interval must be >= 0 (0: no validation), got {self.eval.interval}")
         for key, value in (("data.micro_batch_size", self.data.micro_batch_size), ("data.global_batch_size", self.data.global_batch_size),

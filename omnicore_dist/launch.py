@@ -3,7 +3,8 @@
 One process needs no torchrun. Several (`--nproc-per-node N`, `--nnodes M`, or the recipe's
 `NPUS_PER_NODE` / `NNODES` / `NODE_RANK` / `MASTER_ADDR` / `MASTER_PORT` environment) re-run this
 module under `torch.distributed.run`, whose rendezvous also serves multi-node jobs and whose
-`--max-restarts` restarts a failed job from its newest checkpoint. On NPU hosts the recipe's
+`--max-restarts` restarts a failed job (the run then continues from the newest checkpoint in its
+run folder, omnicore_dist.run.continue_in_run_folder). On NPU hosts the recipe's
 recommended environment is applied for every variable the user has not set (omnicore_dist.env).
 """
 

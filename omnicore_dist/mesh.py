@@ -4,6 +4,9 @@ Rank order puts tensor parallelism innermost (ranks of one TP group are adjacent
 then data parallelism, then pipeline stages (Megatron's order):
     rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank.
 A single process gets a Mesh with every size 1 and no process group at all.
+Hetero parallel: an encoder with TP size E < tp splits each TP group into tp / E replicas of E
+adjacent ranks (encoder TP rank = tp_rank % E, replica = tp_rank // E); `build_encoder_groups`
+makes the encoder's TP groups and the groups of ranks holding the same encoder piece.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.distributed as dist
 
 from omnicore_dist.env import accelerator
 
-__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed", "local_device"]
+__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed", "local_device", "EncoderGroups", "build_encoder_groups"]
 
 
 class MeshError(ValueError):
@@ -80,7 +83,13 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int]:
     if not dist.is_initialized():
         local_device()
         backend = {"npu": "hccl", "cuda": "nccl"}.get(accelerator(), "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps one store across --max-restarts: without a per-attempt prefix, a restarted
+        # rank can read the address its dead predecessor published and fail to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"omnicore/attempt-{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -100,3 +109,40 @@ def build_mesh(world: int, rank: int, *, tp: int = 1, pp: int = 1) -> Mesh:
             if rank in ranks:
                 groups[name] = group
     return Mesh(world=world, rank=rank, dp=dp, pp=pp, tp=tp, dp_group=groups["dp"], pp_group=groups["pp"], tp_group=groups["tp"])
+
+
+@attrs.frozen
+class EncoderGroups:
+    """An encoder's groups inside this rank's TP group: its own TP group (`size` ranks) and its
+    data-parallel group (`replicas` ranks with the same encoder TP rank). None where the size is 1."""
+
+    size: int
+    replicas: int
+    tp_rank: int
+    replica: int
+    tp_group: object | None = None
+    dp_group: object | None = None
+
+
+def build_encoder_groups(mesh: Mesh, size: int) -> EncoderGroups:
+    """Collectively (all ranks, same order): the groups of an encoder with TP `size` dividing mesh.tp."""
+    if size < 1 or mesh.tp % size:
+        raise MeshError(f"encoder tensor-parallel size {size} does not divide parallel.tp = {mesh.tp}")
+    replicas = mesh.tp // size
+    mine = EncoderGroups(size=size, replicas=replicas, tp_rank=mesh.tp_rank % size, replica=mesh.tp_rank // size)
+    if replicas == 1:  # not hetero: the encoder uses the LLM's TP group
+        return attrs.evolve(mine, tp_group=mesh.tp_group)
+    groups: dict[str, object] = {"tp": None, "dp": mesh.tp_group if size == 1 else None}
+    bases = [p * mesh.dp * mesh.tp + d * mesh.tp for p in range(mesh.pp) for d in range(mesh.dp)]
+    for base in bases:
+        for name, ranks_of, needed in (
+            ("tp", [[base + j * size + e for e in range(size)] for j in range(replicas)], size > 1),
+            ("dp", [[base + j * size + e for j in range(replicas)] for e in range(size)], size > 1),
+        ):
+            if not needed:  # size 1: no encoder TP group; the data-parallel group is the whole TP group
+                continue
+            for ranks in ranks_of:
+                group = dist.new_group(ranks)
+                if mesh.rank in ranks:
+                    groups[name] = group
+    return attrs.evolve(mine, tp_group=groups["tp"], dp_group=groups["dp"])

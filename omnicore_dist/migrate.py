@@ -193,7 +193,9 @@ def _split_flags(script: Script, m: Migration) -> Iterator[tuple[str, list[Token
 
 def _apply_flags(script: Script, m: Migration, hf: Mapping | None, ctx: Context, facts: _Facts) -> None:
     seen: dict[str, str] = {}
-    for flag, tokens in _split_flags(script, m):
+    flags = list(_split_flags(script, m))
+    lora_base = any(flag == "--load-base-model" for flag, _ in flags)  # LoRA: --load then names the adapter checkpoint
+    for flag, tokens in flags:
         row = lookup("flag", flag)
         origin = _script_origin(flag, tokens, script)
         if flag in seen:
@@ -224,6 +226,8 @@ def _apply_flags(script: Script, m: Migration, hf: Mapping | None, ctx: Context,
             facts.pp, facts.pp_origin = value, origin
         elif flag == "--mm-data":
             facts.mm_data = origin
+        elif flag == "--load" and lora_base:
+            m.set("lora.load", ctx.rel(value), f"{origin} (with --load-base-model it is the LoRA checkpoint to continue from)")
         elif row.kind in ("key", "planned"):
             _apply_keys(row, value, origin, m, ctx)
         elif row.kind == "checked":

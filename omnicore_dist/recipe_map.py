@@ -213,7 +213,6 @@ _SHAPE = "model structure comes from the checkpoint's config.json"
 _G_PAR, _G_TOK, _G_OPT, _G_TRN, _G_CKPT = (f"4.1 GPT_ARGS: {g}" for g in (
     "parallelism and batch", "tokenizer and model shape", "optimiser", "other training switches", "checkpoint and loading"))
 _G_MM, _G_OUT, _G_OPTN, _G_EXTRA = "4.1 MM_ARGS", "4.1 OUTPUT_ARGS", "4.1 optional flags", "Megatron flags outside the recipe"
-_LORA = "LoRA is planned (issue 8); not in this build yet"
 
 _FLAGS = [
     _flag("--use-mcore-models", _G_PAR, "not needed", "omnicore has one model implementation", arity=0),
@@ -279,20 +278,19 @@ _FLAGS = [
           recipe="nccl"),
     # optional flags of the recipe's README and docs
     _flag("--hetero-parallel", _G_OPTN, "not needed", arity=0, target="parallel.vit_tp, parallel.audio_tp",
-          why="per-tower tensor parallelism is always on; with this flag model.json's encoder tp becomes parallel.vit_tp / audio_tp"),
+          why="per-tower tensor parallelism is always on; with this flag model.json's encoder tp becomes parallel.vit_tp / audio_tp, "
+              "and an encoder TP below parallel.tp runs the encoders data-parallel inside each LLM TP group (hetero parallel)"),
     _flag("--hetero-encoder-mbs-scale", _G_OPTN, "ignored",
           "omnicore runs the encoders on each micro-batch's own media; there is no separate encoder micro-batch (speed only, same result)"),
     _flag("--enable-dummy-optimizer", _G_OPTN, "not needed",
           "omnicore's optimizer holds only trainable parameters (frozen parts get no state), so no placeholder is needed", arity=0),
-    Row(section="flag", name="--lora-target-modules", group=_G_OPTN, kind="planned", target="lora.target_modules", arity="+",
-        why=_LORA, keys=lambda v: {"lora.target_modules": tuple(v)}),
-    Row(section="flag", name="--lora-r", group=_G_OPTN, kind="planned", target="lora.rank", parse=int, why=_LORA, keys=_set("lora.rank")),
-    Row(section="flag", name="--lora-alpha", group=_G_OPTN, kind="planned", target="lora.alpha", parse=float, why=_LORA,
-        keys=_set("lora.alpha")),
-    Row(section="flag", name="--lora-dropout", group=_G_OPTN, kind="planned", target="lora.dropout", parse=float, why=_LORA,
-        keys=_set("lora.dropout")),
-    Row(section="flag", name="--load-base-model", group=_G_OPTN, kind="planned", target="lora.base_model", path=True,
-        why=f"the base weights under an adapter checkpoint; {_LORA}", keys=_set("lora.base_model")),
+    _key("--lora-target-modules", _G_OPTN, "lora.targets", str, None, arity="+", keys=lambda v: {"lora.targets": tuple(v)},
+         why="the layers to adapt, by the recipe's names (linear_qkv linear_proj linear_fc1 linear_fc2), PEFT's (q_proj ...) or all"),
+    _key("--lora-r", _G_OPTN, "lora.r", int, None),
+    _key("--lora-alpha", _G_OPTN, "lora.alpha", float, None),
+    _key("--lora-dropout", _G_OPTN, "lora.dropout", float, None),
+    _key("--load-base-model", _G_OPTN, "model.load", str, None, path=True,
+         why="the frozen base under LoRA adapters; the recipe's --load then names the adapter checkpoint, which becomes lora.load"),
     _switch("--calculate-per-sample-loss", _G_OPTN, "train.loss_reduction", "sample",
             why="\"sample\": each sample's mean token loss, averaged; without either loss flag the recipe takes Megatron's "
                 "per-micro-batch mean, written as \"micro_batch\""),

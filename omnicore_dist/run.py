@@ -8,6 +8,7 @@ the launcher calls. The run folder (`checkpoint.save`) holds the resolved `confi
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -19,12 +20,12 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from omnicore.checkpoint.commit import META, TRACKER
+from omnicore.checkpoint.commit import META, TRACKER, read_tracker
 from omnicore.checkpoint.convert import native_to_hf, side_files
 from omnicore.checkpoint.hf import CheckpointError, load_hf
 from omnicore.checkpoint.native import NativeCheckpoint, file_plan
-from omnicore.config import ConfigError as ModelConfigError
 from omnicore.comm import LOCAL
+from omnicore.config import ConfigError as ModelConfigError
 from omnicore.config import ThinkerConfig
 from omnicore.data.cache import CacheError, SampleCache, open_cache
 from omnicore.data.config import DataConfigError, load_data_config
@@ -34,19 +35,54 @@ from omnicore.data.loader import Loader, MemorySamples
 from omnicore.data.sample import SampleContext
 from omnicore.data.sampler import StepSampler
 from omnicore.data.tokenizer import Tokenizer, load_tokenizer
-from omnicore.layout import Layout, LayoutError, rule_for, shard_tensor, tower_of, unshard_tensors
-from omnicore.models.thinker import param_shapes, tp_plans
+from omnicore.layout import LayoutError
+from omnicore.models.thinker import param_shapes
 from omnicore.ops import resolve
 from omnicore.params import Params
-from omnicore_dist.checkpointing import SaveRequest, load_resume, save_training, set_rng_state
-from omnicore_dist.config import ConfigError, RunConfig, load_run_config, to_toml
-from omnicore_dist.mesh import Mesh, MeshError, build_mesh, init_distributed, local_device
-from omnicore_dist.metrics import RunLog, StepRecord
-from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero, zero_to_plain
-from omnicore_dist.schedule import LRSchedule, lr_at
+from omnicore_dist.checkpointing import (
+    SaveRequest,
+    load_resume,
+    save_training,
+    set_rng_state,
+)
 from omnicore_dist.comm import TPComm
+from omnicore_dist.config import ConfigError, RunConfig, load_run_config, to_toml
+from omnicore_dist.hetero import (
+    check_hetero,
+    describe,
+    hetero_encoders,
+    reshard_state,
+    run_layout,
+    saved_sizes,
+    tower_tp_sizes,
+)
+from omnicore_dist.lora import continue_lora_run, lora_grad_roles, setup_lora
+from omnicore_dist.mesh import (
+    Mesh,
+    MeshError,
+    build_mesh,
+    init_distributed,
+    local_device,
+)
+from omnicore_dist.metrics import RunLog, StepRecord
+from omnicore_dist.optim import (
+    AdamW,
+    OptimStateError,
+    ZeroAdamW,
+    plain_to_zero,
+    zero_to_plain,
+)
+from omnicore_dist.preempt import Preemption
+from omnicore_dist.schedule import LRSchedule, lr_at
 from omnicore_dist.tp import grad_roles, norm_weights, shard_for_rank
-from omnicore_dist.train import BadStep, GradBuffer, TPState, part_of, recompute_spec, train_step
+from omnicore_dist.train import (
+    BadStep,
+    GradBuffer,
+    TPState,
+    part_of,
+    recompute_spec,
+    train_step,
+)
 from omnicore_dist.validate import validate, validation_groups
 
 __all__ = ["run", "run_from_file", "Loaded", "load_model", "plan_lines", "memory_estimate", "RUN_ERRORS"]
@@ -136,6 +172,24 @@ def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, mesh: Mesh, run_
     return cache, val, stats, tokenizer
 
 
+def continue_in_run_folder(cfg: RunConfig, base: Path, run_dir: Path) -> RunConfig:
+    """`cfg` loading from `run_dir`'s newest checkpoint when that folder already holds one (a job
+    restarted by torchrun's `--max-restarts`, or submitted again after preemption), with the original
+    `model.load` kept as the HF folder for export; unchanged when there is none. `checkpoint.resume =
+    "never"` makes an existing checkpoint an error instead of silently training over it."""
+    tracked = read_tracker(run_dir)
+    source = _path(base, cfg.model.load)
+    if tracked is None or source.resolve() == run_dir.resolve():
+        return cfg
+    if cfg.checkpoint.resume == "never":
+        raise ConfigError(f"checkpoint.save {run_dir} already holds checkpoints (newest: iteration {tracked}): set "
+                          'checkpoint.resume = "auto" to continue from it, or save elsewhere')  # fmt: skip
+    is_hf = (source / "config.json").is_file() and not (source / TRACKER).exists() and not (source / META).exists()
+    hf_dir = cfg.checkpoint.hf_dir or (str(source) if is_hf else "")
+    return attrs.evolve(cfg, model=attrs.evolve(cfg.model, load=str(run_dir), iteration=None),
+                        checkpoint=attrs.evolve(cfg.checkpoint, hf_dir=hf_dir))  # fmt: skip
+
+
 def _dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -167,10 +221,15 @@ def plan_lines(cfg: RunConfig, loaded: Loaded, mesh: Mesh, trainable: set[str], 
     n_all = sum(p.numel() for p in params.values())
     n_train = sum(params[n].numel() for n in trainable)
     tokens = int(sample["input_ids"].numel()) * cfg.data.micro_batch_size if sample is not None else cfg.data.seq_length
+    if cfg.data.micro_batch_tokens:  # a budgeted micro-batch: up to the budget, or one longer sample
+        tokens = max(cfg.data.micro_batch_tokens, int(sample["input_ids"].numel()) if sample is not None else 0)
     mem = memory_estimate(loaded.cfg, params, trainable, tokens, _rss())
     accum = cfg.data.global_batch_size // (cfg.data.micro_batch_size * mesh.dp)
     lines = [
-        f"world {mesh.world}: dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}; {accum} micro-batch(es) of {cfg.data.micro_batch_size} per rank per step",
+        f"world {mesh.world}: dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}; " + (
+            f"{accum} micro-batch(es) of {cfg.data.micro_batch_size} per rank per step" if not cfg.data.micro_batch_tokens else
+            f"{accum * cfg.data.micro_batch_size} samples per rank per step, in micro-batches of up to {cfg.data.micro_batch_tokens} tokens"),
+        describe(tower_tp_sizes(cfg.parallel)),
         f"parameters per rank: {n_all:,} ({n_train:,} trainable; frozen: {', '.join(cfg.model.freeze) or 'none'})",
         "memory estimate per rank: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()),
     ]
@@ -209,25 +268,14 @@ def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Mapping[str, torch.Tensor]]], cfg: ThinkerConfig, mesh: Mesh) -> None:
+def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Mapping[str, torch.Tensor]]], cfg: ThinkerConfig, mesh: Mesh, *,
+                          saved_tp: Mapping[str, int], tower_tp: Mapping[str, int]) -> None:  # fmt: skip
     """Load a saved optimizer state (`saved[tp rank][ZeRO shard]`) into this run's optimizer, whatever
-    the saved TP size, DP size or ZeRO setting: each TP rank's state is made plain (ZeRO slicing is
-    per parameter, so that is pure), states are re-split with the parameters' TP plan (they have the
-    parameters' shapes), and ZeRO-sliced again for this rank when the run uses ZeRO."""
+    the saved TP sizes (per tower), DP size or ZeRO setting: each TP rank's state is made plain (ZeRO
+    slicing is per parameter, so that is pure), states are re-split with the parameters' TP plan (they
+    have the parameters' shapes), and ZeRO-sliced again for this rank when the run uses ZeRO."""
     plain = [_plain_state(shards) for shards in saved]
-    if len(plain) == mesh.tp:
-        state = plain[mesh.tp_rank]
-    else:
-        plans = tp_plans(cfg)
-        state = {}
-        for key, first in plain[0].items():
-            if key == "step":
-                state[key] = first
-                continue
-            name = key.split(".", 1)[1]
-            rule = rule_for(name, plans[tower_of(name)])
-            full = unshard_tensors([p[key] for p in plain], rule, name)
-            state[key] = shard_tensor(full, rule, mesh.tp_rank, mesh.tp, name).contiguous()
+    state = reshard_state(cfg, plain, saved_tp, tower_tp, mesh.tp_rank)
     if isinstance(optimizer, ZeroAdamW):
         optimizer.load_state_dict(*plain_to_zero(state, mesh.dp, mesh.dp_rank))
     else:
@@ -245,13 +293,12 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     """Train (or plan, with `dry_run`). `samples` and `val_samples` are processed samples (omnicore.data.collate's
     format) used instead of `data.config`'s; `stop_after` ends the loop early after that many steps (tests of resume)."""
     rank, world = init_distributed(cfg.parallel.timeout_minutes)
+    # per-tower TP sizes (hetero parallel); budgeted micro-batches hold any sample count (the share rule covers them)
+    tower_tp = check_hetero(cfg.parallel, None if cfg.data.micro_batch_tokens else cfg.data.micro_batch_size)
     pp = len(cfg.parallel.llm_pp_layers or (1,))
     mesh = build_mesh(world, rank, tp=cfg.parallel.tp, pp=pp)
     if mesh.pp > 1:
         raise ConfigError(f"parallel.llm_pp_layers gives {mesh.pp} pipeline stages: this build trains with tensor and data parallelism only")
-    for key, size in (("parallel.vit_tp", cfg.parallel.vit_tp), ("parallel.audio_tp", cfg.parallel.audio_tp)):
-        if size is not None and size != mesh.tp:
-            raise ConfigError(f"{key} = {size} differs from parallel.tp = {mesh.tp}: heterogeneous encoder parallelism is not in this build")
     if cfg.data.global_batch_size % (cfg.data.micro_batch_size * mesh.dp):
         raise ConfigError(
             f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by data.micro_batch_size "
@@ -261,11 +308,12 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     device = local_device()
     ops = resolve(cfg.ops.backend, device)
     dtype = _dtype(cfg.model.dtype, device)
+    run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
+    given, cfg = cfg, (continue_lora_run if cfg.lora.targets else continue_in_run_folder)(cfg, base, run_dir)
     loaded = load_model(cfg, base, device=device, dtype=dtype)
     if mesh.tp > 1:  # keep only this rank's pieces (the plan validates head / vocab divisibility)
-        file_plan(loaded.cfg, Layout(tp=mesh.tp))
-        loaded = attrs.evolve(loaded, params=shard_for_rank(loaded.cfg, loaded.params, mesh.tp_rank, mesh.tp))
-    run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
+        file_plan(loaded.cfg, run_layout(tower_tp))
+        loaded = attrs.evolve(loaded, params=shard_for_rank(loaded.cfg, loaded.params, mesh.tp_rank, mesh.tp, tower_tp))
     stats = DataStats()
     if samples is None:
         source, val_source, stats, tokenizer = load_samples(cfg, base, loaded, mesh=mesh, run_dir=run_dir,
@@ -281,17 +329,22 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     # sums over parameters (gradient norm) must not depend on where the weights came from.
     order = list(param_shapes(loaded.cfg))
     trainable = {n: loaded.params[n] for n in order if part_of(n) not in frozen and n != "audio.bos_eos.weight"}
+    lora = setup_lora(cfg, base, loaded.cfg, mesh, device, tower_tp) if cfg.lora.targets else None
+    trainable = lora.adapters if lora else trainable  # LoRA: only the adapters train (and have optimizer state)
+    model_params = lora.view(loaded.params, train=True) if lora else loaded.params
     for n, p in loaded.params.items():
         p.requires_grad_(n in trainable)
     tp_state = None
     if mesh.tp > 1:
         sp = cfg.parallel.sequence_parallel
-        roles = grad_roles(loaded.cfg, trainable, mesh.tp, sequence_parallel=sp)
-        tp_state = TPState(comm=TPComm(mesh.tp_group, mesh.tp_rank, mesh.tp, sequence_parallel=sp), roles=roles, weights=norm_weights(roles))
+        roles = lora_grad_roles(loaded.cfg, trainable, mesh.tp) if lora else grad_roles(loaded.cfg, trainable, mesh.tp, sequence_parallel=sp, tower_tp=tower_tp)
+        comm = TPComm(mesh.tp_group, mesh.tp_rank, mesh.tp, sequence_parallel=sp, encoders=hetero_encoders(mesh, tower_tp))
+        tp_state = TPState(comm=comm, roles=roles, weights=norm_weights(roles))
     if dry_run:
         if mesh.is_main:
             print(f"ops backend: {ops.name}; device {device}; dtype {dtype}")
-            print("\n".join(plan_lines(cfg, loaded, mesh, set(trainable), source.load(0) if len(source) else None, decode)))
+            shown = attrs.evolve(loaded, params=loaded.params | trainable) if lora else loaded
+            print("\n".join(plan_lines(cfg, shown, mesh, set(trainable), source.load(0) if len(source) else None, decode)))
         return {}
     sampler = StepSampler(n_samples=len(source), global_batch=cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
                           dp_size=mesh.dp, seed=cfg.data.seed, shuffle=cfg.data.shuffle)  # fmt: skip
@@ -302,31 +355,37 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     step, consumed = 0, 0
     log = RunLog(run_dir, enabled=mesh.is_main, interval=cfg.log.interval, warmup_steps=cfg.log.warmup_steps,
                  total_steps=cfg.train.train_iters, first_step=1, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)  # fmt: skip
-    resume = load_resume(loaded.checkpoint, mesh, load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng) if loaded.checkpoint else None
+    resume_from = lora.checkpoint if lora else loaded.checkpoint  # LoRA continues from its adapter checkpoint, never the base's
+    resume = load_resume(resume_from, mesh, load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng) if resume_from else None
     if resume is not None:
         step, consumed = resume.step, int(resume.data_state.get("consumed_samples", 0))
         if resume.optimizer is not None:
-            _load_optimizer_state(optimizer, resume.optimizer, loaded.cfg, mesh)
+            _load_optimizer_state(optimizer, resume.optimizer, loaded.cfg, mesh, saved_tp=saved_sizes(resume_from.meta), tower_tp=tower_tp)
         if resume.rng is not None:
             set_rng_state(resume.rng)
-        log.message(f"resumed from {loaded.checkpoint.path} at step {step}, {consumed} samples consumed"
+        log.message(f"resumed from {resume_from.path} at step {step}, {consumed} samples consumed"
                     + (f"; INEXACT resume, missing: {', '.join(resume.inexact)}" if resume.inexact else ""))  # fmt: skip
-        log.event("resume", step=step, path=str(loaded.checkpoint.path), inexact=list(resume.inexact))
+        log.event("resume", step=step, path=str(resume_from.path), inexact=list(resume.inexact))
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # set by torchrun's --max-restarts
+    if restarts:
+        log.message(f"restart {restarts} of this job (torchrun), continuing at step {step}")
+        log.event("restart", count=restarts, step=step)
     if mesh.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        (run_dir / "config.toml").write_text(to_toml(given))
         log.message(f"ops backend {ops.name}, device {device}, dtype {dtype}, world {mesh.world} (dp {mesh.dp})")
-    run_config_text = to_toml(cfg)
+    run_config_text = to_toml(given)
     bad_in_a_row, last_saved = 0, None
 
     def save(at: int) -> Path | None:
         return save_training(
             SaveRequest(
-                root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=Layout(tp=mesh.tp), params=loaded.params,
+                root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=run_layout(tower_tp), params=loaded.params,
                 optimizer=(lambda: _optimizer_state(optimizer)) if cfg.checkpoint.save_optim else None,
                 zero_sharded=isinstance(optimizer, ZeroAdamW), save_rng=cfg.checkpoint.save_rng,
                 data_state={"consumed_samples": consumed, "seed": cfg.data.seed}, run_config=run_config_text,
                 hf_files=loaded.hf_files, keep_last=cfg.checkpoint.keep_last,
+                adapters=lora.adapters if lora else None, extra_meta=lora.meta() if lora else None,
             ),
             mesh,
         )  # fmt: skip
@@ -334,8 +393,14 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     last = cfg.train.train_iters if stop_after is None else min(cfg.train.train_iters, step + stop_after)
     val_groups = validation_groups(len(val_source), limit=cfg.eval.iters * cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
                                    dp_size=mesh.dp, dp_rank=mesh.dp_rank) if cfg.eval.interval else []  # fmt: skip
+    if step >= last:  # a finished run started again: nothing to train, nothing to overwrite
+        log.message(f"the run folder {run_dir} is already at step {step} of {cfg.train.train_iters}: nothing to train")
+        log.close()
+        return {"run_dir": str(run_dir), "step": step}
+    preemption, preempted = Preemption.install(), False
     # Workers load and collate ahead; the position (samples consumed) is all a resume needs.
-    batches = Loader(source, sampler, dp_rank=mesh.dp_rank, num_workers=cfg.data.num_workers, stats=stats).steps(consumed)
+    batches = Loader(source, sampler, dp_rank=mesh.dp_rank, num_workers=cfg.data.num_workers, stats=stats,
+                     max_tokens=cfg.data.micro_batch_tokens or None).steps(consumed)  # fmt: skip
     try:
         while step < last:
             started = time.perf_counter()
@@ -346,7 +411,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             data_seconds = time.perf_counter() - started
             allow_skip = cfg.train.bad_step_policy == "skip" and bad_in_a_row < cfg.train.max_bad_steps - 1
             lr = lr_at(schedule, optimizer.num_steps)
-            result = train_step(loaded.params, grads, optimizer, loaded.cfg, micro, lr=lr, tp=tp_state,
+            result = train_step(model_params, grads, optimizer, loaded.cfg, micro, lr=lr, tp=tp_state,
                                 mesh=mesh, ops=ops, loss_reduction=cfg.train.loss_reduction, clip_grad=cfg.train.clip_grad,
                                 recompute=recompute, allow_skip=allow_skip)  # fmt: skip
             step += 1
@@ -358,11 +423,16 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
                                 skipped=not result.applied, flops=result.flops * mesh.dp, data_stats=_stat_counts(stats),
                                 peak_flops_per_device=cfg.log.peak_tflops * 1e12))  # fmt: skip
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.train_iters):
-                scored = validate(loaded.params, loaded.cfg, val_source, val_groups, step=step, mesh=mesh, ops=ops,
+                scored = validate(lora.view(loaded.params, train=False) if lora else loaded.params, loaded.cfg, val_source, val_groups, step=step, mesh=mesh, ops=ops,
                                   comm=tp_state.comm if tp_state else LOCAL, stats=stats)  # fmt: skip
                 for problem in scored.problems:
                     log.message(problem)
                 log.validation(scored.as_event())
+            if preemption.agreed(mesh.world, device):  # SIGTERM on any rank: all stop here; the save below is this step's
+                preempted = True
+                log.message(f"preempted (SIGTERM) after step {step}: saving it and exiting")
+                log.event("preempted", step=step)
+                break
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < last:
                 last_saved = save(step)
         last_saved = save(step)
@@ -373,14 +443,17 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         raise
     finally:
         batches.close()  # stops the loader's worker processes
+        preemption.close()
     summary = log.summary()
-    if mesh.is_main and cfg.checkpoint.export_hf:
+    if lora is not None and not preempted:  # PEFT folder and / or the base with the adapters merged
+        lora.export(cfg, base, loaded, mesh, log)
+    if mesh.is_main and cfg.checkpoint.export_hf and not preempted and lora is None:
         if loaded.hf_dir is None:
             raise ConfigError("checkpoint.export_hf needs the original HF folder: set checkpoint.hf_dir")
         out = native_to_hf(last_saved, loaded.hf_dir, _path(base, cfg.checkpoint.export_hf), overwrite=True)
         log.message(f"exported the final model to {out}")
     log.close()
-    return summary | {"run_dir": str(run_dir), "step": step}
+    return summary | {"run_dir": str(run_dir), "step": step, "preempted": preempted}
 
 
 def _stat_counts(stats: DataStats) -> dict[str, int]:

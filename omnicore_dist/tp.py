@@ -7,6 +7,10 @@ each copy sees only its ranks' query heads, so the copies' gradients are summed.
 norm every parameter must count once: split slices are summed over the group, replicated tensors
 weighted by 1 / (number of copies). With sequence parallelism the decoder layers' norms see only
 this rank's tokens, so their gradients are partial sums, added up over the group.
+Hetero parallel (`tower_tp`: an encoder's TP size E below the group's T): rank t holds encoder piece
+t % E, the T / E replicas of each piece see only their share of the media, so their gradients are
+partial sums over the encoder's data-parallel group (`replicas`), and a piece counts T / E times more
+copies in the norm.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class GradRole:
     copies: int
     blocks: int = 0
     partial: bool = False  # sequence parallel: every rank holds a part of the sum
+    replicas: int = 1  # hetero encoder: replicas of this piece whose partial gradients are summed
 
 
 def _role(split: Split | None, size: int) -> GradRole:
@@ -46,9 +51,21 @@ def _role(split: Split | None, size: int) -> GradRole:
 _SP_PARTIAL = re.compile(r"text\.layers\.\d+\.(attn|mlp)_norm\.weight")
 
 
-def grad_roles(cfg: ThinkerConfig, names, size: int, *, sequence_parallel: bool = False) -> dict[str, GradRole]:
+def _sizes(size: int, tower_tp: Mapping[str, int] | None) -> dict[str, int]:
+    return {tower: (tower_tp or {}).get(tower) or size for tower in ("text", "vision", "audio")}
+
+
+def grad_roles(cfg: ThinkerConfig, names, size: int, *, sequence_parallel: bool = False,
+               tower_tp: Mapping[str, int] | None = None) -> dict[str, GradRole]:  # fmt: skip
     plans = tp_plans(cfg)
-    roles = {n: _role(rule_for(n, plans[tower_of(n)]), size) for n in names}
+    sizes = _sizes(size, tower_tp)
+    roles = {}
+    for n in names:
+        tower_size = sizes[tower_of(n)]
+        role = _role(rule_for(n, plans[tower_of(n)]), tower_size)
+        if tower_size < size:  # hetero encoder: size / tower_size replicas of every piece
+            role = attrs.evolve(role, copies=role.copies * (size // tower_size), replicas=size // tower_size)
+        roles[n] = role
     if sequence_parallel:
         roles |= {n: attrs.evolve(roles[n], partial=True) for n in names if _SP_PARTIAL.fullmatch(n)}
     return roles
@@ -61,13 +78,17 @@ def sum_partial(grads: Mapping[str, torch.Tensor], roles: Mapping[str, GradRole]
             dist.all_reduce(grads[name], group=group)
 
 
-def shard_for_rank(cfg: ThinkerConfig, params: Mapping[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
-    """This rank's pieces of full parameters (contiguous copies, so the full tensors can be freed)."""
+def shard_for_rank(cfg: ThinkerConfig, params: Mapping[str, torch.Tensor], rank: int, size: int,
+                   tower_tp: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """This rank's pieces of full parameters (contiguous copies, so the full tensors can be freed);
+    a tower with a smaller TP size E (`tower_tp`) gets piece rank % E."""
     plans = tp_plans(cfg)
+    sizes = _sizes(size, tower_tp)
     out = {}
     for tower, plan in plans.items():
-        local = shard({k: v for k, v in params.items() if tower_of(k) == tower}, plan, rank, size)
-        out |= {k: v.contiguous().clone() if size > 1 else v for k, v in local.items()}
+        n = sizes[tower]
+        local = shard({k: v for k, v in params.items() if tower_of(k) == tower}, plan, rank % n, n)
+        out |= {k: v.contiguous().clone() if n > 1 else v for k, v in local.items()}
     return {k: out[k] for k in params}
 
 
@@ -88,12 +109,14 @@ def norm_weights(roles: Mapping[str, GradRole]) -> dict[str, float]:
     return {n: 1.0 / r.copies for n, r in roles.items()}
 
 
-def gather_full(cfg: ThinkerConfig, local: Mapping[str, torch.Tensor], *, size: int, group) -> dict[str, torch.Tensor]:
+def gather_full(cfg: ThinkerConfig, local: Mapping[str, torch.Tensor], *, size: int, group,
+                tower_tp: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Full tensors from every TP rank's pieces (collective; for saving and tests)."""
     plans = tp_plans(cfg)
+    sizes = _sizes(size, tower_tp)
     out = {}
     for name, piece in local.items():
         parts = [torch.empty_like(piece) for _ in range(size)]
         dist.all_gather(parts, piece.detach().contiguous(), group=group)
-        out[name] = unshard_tensors(parts, rule_for(name, plans[tower_of(name)]), name)
+        out[name] = unshard_tensors(parts[: sizes[tower_of(name)]], rule_for(name, plans[tower_of(name)]), name)
     return out

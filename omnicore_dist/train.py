@@ -26,6 +26,7 @@ from omnicore.ops import Ops
 from omnicore.params import Params
 from omnicore_dist.mesh import Mesh
 from omnicore_dist.optim import ZeroAdamW
+from omnicore_dist.hetero import sum_encoder_replicas
 from omnicore_dist.tp import GradRole, sum_partial, sum_replicated_kv
 
 __all__ = ["part_of", "model_flops", "GradBuffer", "StepResult", "BadStep", "TPState", "global_norm", "train_step", "recompute_spec"]
@@ -200,6 +201,7 @@ def _update(optimizer, grads: GradBuffer, mesh: Mesh, tp: TPState | None, *, cli
     if tp is not None:
         sum_replicated_kv(grads.views, tp.roles, rank=mesh.tp_rank, group=mesh.tp_group)
         sum_partial(grads.views, tp.roles, group=mesh.tp_group)
+        sum_encoder_replicas(grads.flat, grads.views, tp.roles, getattr(tp.comm, "encoders", {}))  # hetero parallel
     groups = [mesh.tp_group] if tp is not None else []
     if isinstance(optimizer, ZeroAdamW):
         slices = optimizer.reduce_grads(grads.views)

@@ -18,6 +18,7 @@ import torch
 from omnicore.comm import LOCAL, Comm
 from omnicore.config import ThinkerConfig
 from omnicore.models.audio import AudioLayout, audio_encoder, audio_layout, audio_param_shapes, audio_tp_plan
+from omnicore.models.encoder_shares import media_shares
 from omnicore.models.positions import MediaQueue, packed_positions
 from omnicore.models.recompute import NO_RECOMPUTE, Recompute
 from omnicore.models.text import mrope_tables, text_embed, text_head, text_layers, text_param_shapes, text_tp_plan
@@ -74,6 +75,7 @@ class Media:
     values: torch.Tensor
     layout: VisionLayout | AudioLayout
     slots: torch.Tensor
+    items: tuple = ()  # vision: each item's grid (t, h, w), to cut the batch into encoder-replica shares
 
 
 @attrs.frozen
@@ -162,7 +164,8 @@ def _vision_media(cfg, batch, flat_ids, values_key, grid_key, token, what) -> Me
     if batch.get(grid_key) is None:
         raise KeyError(f"batch has {values_key} but no {grid_key}")
     layout = vision_layout(cfg.vision, batch[grid_key], device=flat_ids.device)
-    return Media(values=values, layout=layout, slots=_slots(flat_ids, token, sum(layout.tokens_per_item), what))
+    grids = tuple(tuple(int(v) for v in g) for g in _rows(batch[grid_key]))
+    return Media(values=values, layout=layout, slots=_slots(flat_ids, token, sum(layout.tokens_per_item), what), items=grids)
 
 
 def _audio_clips(cfg: ThinkerConfig, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[int]] | None:
@@ -234,20 +237,31 @@ def _rows(values) -> list:
 def embed_inputs(
     params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL, recompute: Recompute = NO_RECOMPUTE
 ) -> torch.Tensor:
-    """Token embeddings with every placeholder replaced by its encoder feature: (N, C)."""
+    """Token embeddings with every placeholder replaced by its encoder feature: (N, C).
+
+    Each encoder runs as `comm.encoder(tower)` says: on the whole batch, or (hetero parallel) on this
+    replica's share of the samples, the replicas' features gathered before the merge."""
     x = text_embed(select(params, "text."), inputs.input_ids, comm=comm)
-    if inputs.audios is not None:
-        feats = audio_encoder(
-            select(params, "audio."), cfg.audio, inputs.audios.values, inputs.audios.layout, ops=ops, comm=comm, recompute=recompute.audio
-        )
-        x = x.index_put((inputs.audios.slots,), feats.to(x.dtype))
-    for media in (inputs.images, inputs.videos):
-        if media is not None:
-            feats = vision_encoder(
-                select(params, "vision."), cfg.vision, media.values, media.layout, ops=ops, comm=comm, recompute=recompute.vision
-            )
-            x = x.index_put((media.slots,), feats.to(x.dtype))
+    for tower, media in (("audio", inputs.audios), ("vision", inputs.images), ("vision", inputs.videos)):
+        if media is None:
+            continue
+        enc = comm.encoder(tower)
+        if enc.dp_size == 1:
+            feats = _encode(params, cfg, tower, media.values, media.layout, ops=ops, comm=enc.comm, recompute=recompute)
+        else:
+            shares = media_shares(cfg, media, tower, inputs.segments.segment_ids(), len(inputs.segments.lengths), enc.dp_size)
+            mine = shares[enc.dp_rank]
+            local = (_encode(params, cfg, tower, mine.values, mine.layout, ops=ops, comm=enc.comm, recompute=recompute).to(x.dtype)
+                     if mine.rows else x.new_zeros(0, x.shape[1]))  # fmt: skip
+            feats = enc.gather_features(local, [s.rows for s in shares])
+        x = x.index_put((media.slots,), feats.to(x.dtype))
     return x
+
+
+def _encode(params: Params, cfg: ThinkerConfig, tower: str, values, layout, *, ops: Ops, comm: Comm, recompute: Recompute) -> torch.Tensor:
+    if tower == "audio":
+        return audio_encoder(select(params, "audio."), cfg.audio, values, layout, ops=ops, comm=comm, recompute=recompute.audio)
+    return vision_encoder(select(params, "vision."), cfg.vision, values, layout, ops=ops, comm=comm, recompute=recompute.vision)
 
 
 def thinker_hidden(

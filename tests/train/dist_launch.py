@@ -19,7 +19,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, args: list[str], logs: Path, *, timeout: float = 240, extra_paths: list[str] = ()) -> None:
+def start(world: int, args: list[str], logs: Path, *, extra_paths: list[str] = ()) -> list[tuple[subprocess.Popen, object]]:
+    """Start the ranks (each with its log file under `logs`); `finish` waits for them."""
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -29,6 +30,11 @@ def launch(world: int, args: list[str], logs: Path, *, timeout: float = 240, ext
                    str(ROOT / "tests" / "train"), str(ROOT / "examples"), *extra_paths]))  # fmt: skip
         out = open(logs / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT), out))
+    return procs
+
+
+def finish(procs: list[tuple[subprocess.Popen, object]], logs: Path, *, timeout: float = 240) -> None:
+    """Wait for every rank; kill and fail (naming the ranks, with their output) on a timeout or a failure."""
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -40,6 +46,10 @@ def launch(world: int, args: list[str], logs: Path, *, timeout: float = 240, ext
         out.close()
     failed = [r for r, (p, _) in enumerate(procs) if p.returncode != 0]
     if stuck or failed:
-        tails = "\n".join(f"--- rank {r}\n" + (logs / f"rank{r}.log").read_text()[-3000:] for r in range(world))
+        tails = "\n".join(f"--- rank {r}\n" + (logs / f"rank{r}.log").read_text()[-3000:] for r in range(len(procs)))
         what = f"ranks {stuck} still running after {timeout:.0f} s" if stuck else f"ranks {failed} failed"
         raise AssertionError(f"{what}\n{tails}")
+
+
+def launch(world: int, args: list[str], logs: Path, *, timeout: float = 240, extra_paths: list[str] = ()) -> None:
+    finish(start(world, args, logs, extra_paths=extra_paths), logs, timeout=timeout)

@@ -88,6 +88,11 @@ KEY_CASES: dict[str, tuple[Any, dict[str, Any], dict]] = {
     "--sequence-parallel": (None, {"parallel.sequence_parallel": True}, {}),
     "--distributed-timeout-minutes": ("45", {"parallel.timeout_minutes": 45.0}, {}),
     "--load": ("some/ckpt", {"model.load": "some/ckpt"}, {}),
+    "--lora-target-modules": ("linear_qkv linear_proj", {"lora.targets": ("linear_qkv", "linear_proj")}, {}),
+    "--lora-r": ("8", {"lora.r": 8}, {}),
+    "--lora-alpha": ("16", {"lora.alpha": 16.0}, {}),
+    "--lora-dropout": ("0.05", {"lora.dropout": 0.05}, {}),
+    "--load-base-model": ("ckpt/base", {"model.load": "ckpt/base", "lora.load": "base"}, {}),  # --load (BASE_FLAGS) is the adapters
     "--no-load-optim": (None, {"checkpoint.load_optim": False}, {}),
     "--no-load-rng": (None, {"checkpoint.load_rng": False}, {}),
     "--no-save-optim": (None, {"checkpoint.save_optim": False}, {}),
@@ -130,11 +135,6 @@ for _tower, _prefix in (("vision", "image_encoder.vision_encoder"), ("audio", "a
                                             {"model": {f"{_prefix}.recompute_granularity": "full", f"{_prefix}.recompute_method": "uniform"}}),
     }  # fmt: skip
 PLANNED_CASES = {
-    "--lora-target-modules": ("linear_qkv linear_proj", {"lora.target_modules": ("linear_qkv", "linear_proj")}),
-    "--lora-r": ("8", {"lora.rank": 8}),
-    "--lora-alpha": ("16", {"lora.alpha": 16.0}),
-    "--lora-dropout": ("0.05", {"lora.dropout": 0.05}),
-    "--load-base-model": ("ckpt/base", {"lora.base_model": "ckpt/base"}),
     "--sequence-parallel": (None, {"parallel.sequence_parallel": True}),
 }
 def _flat(obj: dict, prefix: str = "") -> dict[str, Any]:
