@@ -16,7 +16,6 @@ attention, softmax and the vocabulary projection dominate both steps, and the ra
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_thinker import BENCH_CONFIG  # noqa: E402
 from bench_train import MEDIUM  # noqa: E402
-from common import alternate, gate, ratio_summary, thresholds, write_record  # noqa: E402
+from common import alternate, gate, peak_rss, ratio_summary, thresholds, write_record  # noqa: E402
 from hf_reference import Piece, build_batch, hf_kwargs  # noqa: E402
 
 import omnicore  # noqa: E402
@@ -126,24 +125,8 @@ def _steps(name: str, which=("lora", "full", "peft")):
     return steps, optimizer_bytes
 
 
-_RSS = """
-import re, sys
-sys.path[:0] = {paths!r}
-from bench_lora import _steps
-step = _steps({name!r}, ({which!r},))[0][{which!r}]
-step()
-open("/proc/self/clear_refs", "w").write("5")
-for _ in range(3):
-    step()
-print("PEAK", int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024)
-"""
-
-
 def _peak_rss(name: str, which: str) -> int:
-    root = Path(__file__).resolve().parents[1]
-    code = _RSS.format(paths=[str(root / "benches"), str(root / "tests")], name=name, which=which)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True, cwd=root).stdout
-    return int(out.split("PEAK")[1])
+    return peak_rss(f"from bench_lora import _steps\nstep = _steps({name!r}, ({which!r},))[0][{which!r}]")
 
 
 @pytest.mark.parametrize("name", WORKLOADS)

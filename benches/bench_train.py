@@ -15,7 +15,6 @@ Goals (issue 5): >= 1.3x HF on tiny, >= 1.15x on medium with MFU >= 0.85 of the 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_thinker import BENCH_CONFIG, hf_thinker  # noqa: E402
-from common import alternate, ratio_summary, write_record  # noqa: E402
+from common import alternate, peak_rss, ratio_summary, write_record  # noqa: E402
 from hf_reference import Piece, build_batch, hf_kwargs  # noqa: E402
 
 import omnicore  # noqa: E402
@@ -105,25 +104,8 @@ def _packed(batch: dict) -> dict:
     return out
 
 
-_RSS = """
-import re, sys
-sys.path[:0] = {paths!r}
-from bench_train import _steps
-omni, hf, _, _ = _steps({name!r})
-step = omni if {which!r} == "omnicore" else hf
-step()
-open("/proc/self/clear_refs", "w").write("5")
-for _ in range(3):
-    step()
-print("PEAK", int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024)
-"""
-
-
 def _peak_rss(name: str, which: str) -> int:
-    root = Path(__file__).resolve().parents[1]
-    code = _RSS.format(paths=[str(root / "benches"), str(root / "tests")], name=name, which=which)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True, cwd=root).stdout
-    return int(out.split("PEAK")[1])
+    return peak_rss(f"from bench_train import _steps\nomni, hf, _, _ = _steps({name!r})\nstep = omni if {which!r} == 'omnicore' else hf")
 
 
 @pytest.mark.parametrize("name", WORKLOADS)

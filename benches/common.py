@@ -10,6 +10,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -150,3 +151,24 @@ def time_and_gate_elementwise(benchmark, *, op: str, shape: str, dims, dtype: to
     if threshold is not None:
         gate(summaries["forward_backward"], threshold, quick=quick, what=f"{op} {shape} {dtype} forward + backward", within_noise=True)
     return record
+
+
+_PEAK_RSS = """
+import re, sys
+sys.path[:0] = {paths!r}
+{setup}
+step()
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark after the warm-up call
+for _ in range(3):
+    step()
+print("PEAK", int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024)
+"""
+
+
+def peak_rss(setup: str) -> int:
+    """Peak resident bytes of three calls of `step`, which the Python code `setup` defines, in a fresh
+    process (benches/ and tests/ importable) after one warm-up call."""
+    root = Path(__file__).resolve().parents[1]
+    code = _PEAK_RSS.format(paths=[str(root / "benches"), str(root / "tests")], setup=setup)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True, cwd=root).stdout
+    return int(out.split("PEAK")[1])

@@ -9,32 +9,16 @@ import random
 import shutil
 
 import pytest
+from small_run import small_run
 
 from omnicore.checkpoint.hf import CheckpointError
 from omnicore.checkpoint.native import NativeCheckpoint
-from omnicore_dist.config import load_run_config
-from omnicore_dist.run import run
-
-CONFIG = """
-[model]
-load = "{load}"
-[data]
-global_batch_size = 2
-micro_batch_size = 2
-[train]
-train_iters = 1
-[checkpoint]
-save = "run"
-[log]
-progress = false
-"""
 
 
 @pytest.fixture(scope="module")
 def step_folder(tiny_hf, samples, tmp_path_factory):
     base = tmp_path_factory.mktemp("corrupt")
-    (base / "run.toml").write_text(CONFIG.format(load=tiny_hf))
-    run(load_run_config(base / "run.toml"), base=base, samples=samples[:2])
+    small_run(base, tiny_hf, 1, samples)
     return base / "run"
 
 

@@ -13,26 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from small_run import small_run
 
 from omnicore.checkpoint.hf import CheckpointError, load_hf
-from omnicore_dist.config import load_run_config
-from omnicore_dist.run import RUN_ERRORS, run
+from omnicore_dist.run import RUN_ERRORS
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """
-[model]
-load = "{load}"
-[data]
-global_batch_size = 2
-micro_batch_size = 2
-[train]
-train_iters = {iters}
-[checkpoint]
-save = "run"
-export_hf = "{export}"
-[log]
-progress = false
-"""
 
 
 class _Marker:
@@ -54,16 +40,10 @@ def _live_pickle(marker: Path) -> bytes:
     return data
 
 
-def _train(base: Path, load: Path, iters: int, samples, export: str = "") -> dict:
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "run.toml").write_text(CONFIG.format(load=load, iters=iters, export=export))
-    return run(load_run_config(base / "run.toml"), base=base, samples=samples[:2])
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_hf, samples, tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
-    _train(base, tiny_hf, 1, samples)
+    small_run(base, tiny_hf, 1, samples)
     return base / "run"
 
 
@@ -74,7 +54,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_naming_the_file(trained, samples, t
     marker = tmp_path / "pwned"
     (run_dir / "iter_0000001" / planted).write_bytes(_live_pickle(marker))
     with pytest.raises(RUN_ERRORS, match=planted):
-        _train(tmp_path, run_dir, 2, samples)
+        small_run(tmp_path, run_dir, 2, samples)
     assert not marker.exists()
 
 
@@ -95,7 +75,7 @@ def test_spk_dict_is_copied_as_bytes_through_training_and_export(tiny_hf, sample
     shutil.copytree(tiny_hf, hf)
     marker = tmp_path / "pwned"
     (hf / "spk_dict.pt").write_bytes(_live_pickle(marker))
-    _train(tmp_path, hf, 1, samples, export=str(tmp_path / "export"))
+    small_run(tmp_path, hf, 1, samples, [f"--checkpoint.export_hf={tmp_path / 'export'}"])
     assert (tmp_path / "export" / "spk_dict.pt").read_bytes() == (hf / "spk_dict.pt").read_bytes()
     assert not marker.exists()
 
@@ -118,7 +98,5 @@ def test_a_chat_template_in_the_tokenizer_config_is_never_rendered(tmp_path):
                             "--image", str(next((demo / "media").glob("*.png"))), "What color is this picture?"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert asked.returncode == 0, asked.stderr
-    (demo / "run.toml").write_text(CONFIG.format(load=demo / "model", iters=1, export="").replace(
-        "[data]", f'[data]\nconfig = "{demo / "data.json"}"\nseq_length = 256'))  # fmt: skip
-    run(load_run_config(demo / "run.toml"), base=demo)
+    small_run(demo, demo / "model", 1, None, [f"--data.config={demo / 'data.json'}", "--data.seq_length=256"])
     assert not marker.exists()

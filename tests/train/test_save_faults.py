@@ -6,31 +6,14 @@ from __future__ import annotations
 import errno
 
 import pytest
+from small_run import small_run
 
 from omnicore.checkpoint.commit import read_tracker
 from omnicore.checkpoint.native import NativeCheckpoint
 from omnicore.checkpoint.safetensors_io import SafetensorsWriter
-from omnicore_dist.config import load_run_config
-from omnicore_dist.run import run
-
-CONFIG = """
-[model]
-load = "{load}"
-[data]
-global_batch_size = 2
-micro_batch_size = 2
-[train]
-train_iters = 3
-[checkpoint]
-save = "run"
-save_interval = 1
-[log]
-progress = false
-"""
 
 
 def test_disk_full_on_the_third_file_of_a_save_keeps_the_previous_checkpoint(tiny_hf, samples, tmp_path, monkeypatch):
-    (tmp_path / "run.toml").write_text(CONFIG.format(load=tiny_hf))
     real_write = SafetensorsWriter.write
     opened: list[str] = []
 
@@ -43,12 +26,12 @@ def test_disk_full_on_the_third_file_of_a_save_keeps_the_previous_checkpoint(tin
 
     monkeypatch.setattr(SafetensorsWriter, "write", filling_write)
     with pytest.raises(OSError, match="No space left on device"):
-        run(load_run_config(tmp_path / "run.toml"), base=tmp_path, samples=samples[:2])
+        small_run(tmp_path, tiny_hf, 3, samples, ["--checkpoint.save_interval=1"])
     run_dir = tmp_path / "run"
     assert read_tracker(run_dir) == "1"
     assert not (run_dir / "iter_0000002").exists()
     assert NativeCheckpoint(run_dir).meta["iteration"] == 1
     monkeypatch.setattr(SafetensorsWriter, "write", real_write)
-    summary = run(load_run_config(tmp_path / "run.toml"), base=tmp_path, samples=samples[:2])  # continues from step 1
+    summary = small_run(tmp_path, tiny_hf, 3, samples, ["--checkpoint.save_interval=1"])  # continues from step 1
     assert summary["step"] == 3 and read_tracker(run_dir) == "3"
     assert not list(run_dir.glob(".tmp-*"))  # the failed save's leftovers are gone once a later save of that step commits
