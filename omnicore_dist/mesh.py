@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from omnicore_dist.env import accelerator
 
-__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed", "local_device", "EncoderGroups", "build_encoder_groups"]
+__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed", "close_distributed", "local_device", "EncoderGroups", "build_encoder_groups"]
 
 
 class MeshError(ValueError):
@@ -91,6 +91,14 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int]:
         store = dist.PrefixStore(f"omnicore/attempt-{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def close_distributed() -> None:
+    """Leave the job cleanly: every rank waits for the others, then the process groups (their
+    communication threads) are destroyed here rather than torn down by interpreter exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def build_mesh(world: int, rank: int, *, tp: int = 1, pp: int = 1) -> Mesh:

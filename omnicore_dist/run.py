@@ -464,6 +464,7 @@ def run_from_file(path: str, overrides: Sequence[str], *, dry_run: bool = False)
     try:
         cfg = load_run_config(path, overrides)
         run(cfg, base=Path(path).resolve().parent, dry_run=dry_run)
+        close_distributed()
     except RUN_ERRORS as err:
         print(f"omnicore: error: {err}", file=sys.stderr)
         return 2

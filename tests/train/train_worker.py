@@ -14,6 +14,7 @@ import torch
 
 from hf_reference import Piece
 from omnicore_dist.config import load_run_config
+from omnicore_dist.mesh import close_distributed
 from omnicore_dist.run import run
 from test_collate import _sample
 
@@ -62,6 +63,7 @@ def main(job: dict) -> None:
     validating = job.get("val", False)
     cfg = load_run_config(base / "run.toml", job["overrides"] + (EVAL_OVERRIDES if validating else []))
     run(cfg, base=base, samples=samples(), val_samples=val_samples() if validating else None, stop_after=job.get("stop_after"))
+    close_distributed()
 
 
 if __name__ == "__main__":
