@@ -61,6 +61,7 @@ from omnicore_dist.mesh import (
     Mesh,
     MeshError,
     build_mesh,
+    close_distributed,
     init_distributed,
     local_device,
 )
@@ -257,8 +258,11 @@ def _optimizer(cfg: RunConfig, trainable: Params, mesh: Mesh):
 
 def _schedule(cfg: RunConfig) -> LRSchedule:
     t = cfg.train
-    return LRSchedule(lr=t.lr, decay_steps=t.train_iters, min_lr=t.min_lr, style=t.lr_decay_style,
-                      warmup_steps=t.lr_warmup_iters or 0, warmup_fraction=0.0 if t.lr_warmup_iters else t.lr_warmup_fraction)  # fmt: skip
+    try:
+        return LRSchedule(lr=t.lr, decay_steps=t.train_iters, min_lr=t.min_lr, style=t.lr_decay_style,
+                          warmup_steps=t.lr_warmup_iters or 0, warmup_fraction=0.0 if t.lr_warmup_iters else t.lr_warmup_fraction)  # fmt: skip
+    except ValueError as err:  # e.g. a warm-up longer than the run
+        raise ConfigError(f"train.lr_* / train.train_iters: {err}") from None
 
 
 def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:

@@ -193,3 +193,6 @@ def test_bad_run_configs_are_named(tiny_hf, samples, tmp_path):
         run(cfg, base=base, samples=samples)
     with pytest.raises(ConfigError, match="train.lr: expected float, got 'fast'"):
         load_run_config(_config(tmp_path, tiny_hf)[1] / "run.toml", ["--train.lr=fast"])
+    cfg, base = _config(tmp_path, tiny_hf, iters=3, extra=["--train.lr_warmup_iters=10"])
+    with pytest.raises(ConfigError, match=r"train.lr_\* / train.train_iters: warmup \(10.0 steps\) must end before decay_steps \(3\)"):
+        run(cfg, base=base, samples=samples)
