@@ -25,13 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_thinker import BENCH_CONFIG  # noqa: E402
-from bench_train import MEDIUM  # noqa: E402
+from bench_thinker import BENCH_CONFIG, hf_thinker  # noqa: E402
+from bench_train import MEDIUM, packed  # noqa: E402
 from common import alternate, gate, peak_rss, ratio_summary, thresholds, write_record  # noqa: E402
 from hf_reference import Piece, build_batch, hf_kwargs  # noqa: E402
 
 import omnicore  # noqa: E402
-from omnicore.checkpoint.hf import params_to_hf  # noqa: E402
 from omnicore.checkpoint.lora_io import peft_module  # noqa: E402
 from omnicore.lora import LoraSpec, adapted, init_adapters, lora_layers  # noqa: E402
 from omnicore.ops import resolve  # noqa: E402
@@ -47,26 +46,6 @@ SPEC = LoraSpec(targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "u
 LR = 1e-4
 
 
-def _hf_thinker(cfg, params):
-    """transformers' thinker (SDPA attention) holding `params`, in training mode."""
-    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(Qwen2_5OmniThinkerConfig(**cfg.to_hf()), attn_implementation="sdpa")
-    model.load_state_dict(params_to_hf(params, prefix=""), strict=False)
-    return model.train()
-
-
-def _packed(batch: dict) -> dict:
-    """The padded batch's samples back to back (what omnicore's collate makes)."""
-    mask = batch["attention_mask"].bool()
-    out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
-    out |= {"input_ids": batch["input_ids"][mask][None], "labels": batch["labels"][mask][None],
-            "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])}  # fmt: skip
-    return out
-
-
 def _state_bytes(state) -> int:
     return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
 
@@ -77,7 +56,7 @@ def _steps(name: str, which=("lora", "full", "peft")):
     cfg, rows = WORKLOADS[name]
     params = omnicore.init_thinker(cfg, seed=0, std=0.02)
     batch = build_batch(cfg, rows, seed=1, padding="right")
-    packed = _packed(batch)
+    packed_batch = packed(batch)
     ops, mesh = resolve("auto", "cpu"), Mesh(world=1, rank=0, dp=1, pp=1, tp=1)
     adapters = {k: v.requires_grad_() for k, v in init_adapters(cfg, SPEC, seed=1).items()}
     steps, optimizers = {}, {}
@@ -85,14 +64,14 @@ def _steps(name: str, which=("lora", "full", "peft")):
     if "lora" in which:
         view = adapted({k: v.clone() for k, v in params.items()}, adapters, SPEC, train=True)  # frozen base
         lora_opt, lora_grads = AdamW(adapters, lr=LR, weight_decay=0.0), GradBuffer(adapters)
-        steps["lora"] = lambda: train_step(view, lora_grads, lora_opt, cfg, [packed], lr=LR, mesh=mesh, ops=ops).loss
+        steps["lora"] = lambda: train_step(view, lora_grads, lora_opt, cfg, [packed_batch], lr=LR, mesh=mesh, ops=ops).loss
         optimizers["lora"] = lora_opt
 
     if "full" in which:
         leaves = {k: v.clone().requires_grad_(k != "audio.bos_eos.weight") for k, v in params.items()}
         trainable = {k: v for k, v in leaves.items() if v.requires_grad}
         full_opt, full_grads = AdamW(trainable, lr=LR, weight_decay=0.0), GradBuffer(trainable)
-        steps["full"] = lambda: train_step(leaves, full_grads, full_opt, cfg, [packed], lr=LR, mesh=mesh, ops=ops).loss
+        steps["full"] = lambda: train_step(leaves, full_grads, full_opt, cfg, [packed_batch], lr=LR, mesh=mesh, ops=ops).loss
         optimizers["full"] = full_opt
 
     if "peft" in which:
@@ -102,7 +81,7 @@ def _steps(name: str, which=("lora", "full", "peft")):
         config = LoraConfig(r=SPEC.r, lora_alpha=SPEC.alpha, lora_dropout=0.0, target_modules="(" + "|".join(re.escape(n) for n in names) + ")")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = get_peft_model(_hf_thinker(cfg, params), config).train()
+            model = get_peft_model(hf_thinker(params, cfg), config).train()
         with torch.no_grad():  # the same A as omnicore's (B = 0 on both sides)
             named = dict(model.named_parameters())
             for n, t in adapters.items():

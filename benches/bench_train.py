@@ -79,11 +79,11 @@ def _steps(name: str):
     trainable = {k: v for k, v in leaves.items() if v.requires_grad}
     opt, grads = AdamW(trainable, lr=LR, weight_decay=0.0), GradBuffer(trainable)
     ops, mesh = resolve("auto", "cpu"), Mesh(world=1, rank=0, dp=1, pp=1, tp=1)
-    packed = _packed(batch)  # omnicore gets the samples without padding, as its collate makes them
+    packed_batch = packed(batch)  # omnicore gets the samples without padding, as its collate makes them
     torch_opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "audio_bos_eos" not in n], lr=LR, weight_decay=0.0, fused=True)
 
     def omni_step():
-        return train_step(leaves, grads, opt, cfg, [packed], lr=LR, mesh=mesh, ops=ops).loss
+        return train_step(leaves, grads, opt, cfg, [packed_batch], lr=LR, mesh=mesh, ops=ops).loss
 
     def hf_step():
         torch_opt.zero_grad(set_to_none=True)
@@ -92,11 +92,12 @@ def _steps(name: str):
         torch_opt.step()
         return loss.item()
 
-    flops = model_flops(cfg, [prepare_inputs(cfg, packed)])
+    flops = model_flops(cfg, [prepare_inputs(cfg, packed_batch)])
     return omni_step, hf_step, int(batch["attention_mask"].sum()), flops
 
 
-def _packed(batch: dict) -> dict:
+def packed(batch: dict) -> dict:
+    """The padded batch's samples back to back (what omnicore's collate makes)."""
     mask = batch["attention_mask"].bool()
     out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
     out |= {"input_ids": batch["input_ids"][mask][None], "labels": batch["labels"][mask][None],
