@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -24,7 +24,8 @@ from omnicore.checkpoint.lora_io import adapter_file
 from omnicore.checkpoint.native import NativeCheckpoint, native_meta, write_rank_files
 from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter
 from omnicore.config import ThinkerConfig
-from omnicore.layout import Layout
+from omnicore.layout import Layout, stage_of
+from omnicore.models.thinker import tower_depths
 from omnicore_dist.mesh import Mesh
 
 __all__ = ["SaveRequest", "save_training", "Resume", "load_resume", "rng_state", "set_rng_state", "rotate"]
@@ -76,13 +77,14 @@ def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
     tmp = req.root / f".tmp-{step_dirname(req.step)}"
     mine: list[tuple[str, str, int]] = []
     if req.save_rng:
-        mine.append(_write_tensors(tmp / _rank_file("rng", mesh.tp_rank, mesh.dp_rank), rng_state()))
+        mine.append(_write_tensors(tmp / _rank_file("rng", mesh.tp_rank, mesh.pp_rank, mesh.dp_rank), rng_state()))
     if req.optimizer is not None and (req.zero_sharded or mesh.dp_rank == 0):
-        mine.append(_write_tensors(tmp / _rank_file("optim", mesh.tp_rank, mesh.dp_rank if req.zero_sharded else None), req.optimizer()))
+        name = _rank_file("optim", mesh.tp_rank, mesh.pp_rank, mesh.dp_rank if req.zero_sharded else None)
+        mine.append(_write_tensors(tmp / name, req.optimizer()))
     if mesh.dp_rank == 0 and req.adapters is not None:  # LoRA: the adapters only, never the frozen base
-        mine.append(_write_tensors(tmp / adapter_file(mesh.tp_rank), {k: v.detach() for k, v in req.adapters.items()}))
-    elif mesh.dp_rank == 0:  # each TP rank writes its own pieces of the model; DP replicas write nothing
-        mine += write_rank_files(tmp, req.cfg, req.layout, req.params, mesh.tp_rank)
+        mine.append(_write_tensors(tmp / adapter_file(mesh.tp_rank, mesh.pp_rank), {k: v.detach() for k, v in req.adapters.items()}))
+    elif mesh.dp_rank == 0:  # each TP rank writes its stage's pieces of the model; DP replicas write nothing
+        mine += write_rank_files(tmp, req.cfg, req.layout, req.params, mesh.tp_rank, mesh.pp_rank)
     records = _gather(mine, mesh)
     out = None
     if mesh.is_main:
@@ -98,6 +100,7 @@ def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
             "lacks": lacks,
             "dp_size": mesh.dp,
             "tp_size": mesh.tp,
+            "pp_size": mesh.pp,
             "zero_sharded": req.zero_sharded,
             **(req.extra_meta or {}),
         })  # fmt: skip
@@ -107,8 +110,8 @@ def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
     return out
 
 
-def _rank_file(kind: str, tp_rank: int, dp_rank: int | None) -> str:
-    return f"{kind}-tp{tp_rank:02d}" + (f"-dp{dp_rank:02d}" if dp_rank is not None else "") + ".safetensors"
+def _rank_file(kind: str, tp_rank: int, pp_rank: int, dp_rank: int | None) -> str:
+    return f"{kind}-tp{tp_rank:02d}-pp{pp_rank:02d}" + (f"-dp{dp_rank:02d}" if dp_rank is not None else "") + ".safetensors"
 
 
 def _barrier(mesh: Mesh) -> None:
@@ -141,33 +144,44 @@ class Resume:
 
     step: int
     data_state: Mapping
-    optimizer: Sequence[Sequence[Mapping[str, torch.Tensor]]] | None  # [tp rank][ZeRO dp shard] states
+    optimizer: Sequence[Sequence[Sequence[Mapping[str, torch.Tensor]]]] | None  # [tp rank][pp stage][ZeRO dp shard] states
     rng: Mapping[str, torch.Tensor] | None
     inexact: tuple[str, ...]  # what is missing, for the warning
 
 
-def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rng: bool) -> Resume | None:
-    """Optimizer / RNG / data position of a training checkpoint (None for a release)."""
+def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rng: bool, names: Collection[str] | None = None) -> Resume | None:
+    """Optimizer / RNG / data position of a training checkpoint (None for a release). `names`: the
+    parameters this rank trains; only the saved pipeline stages holding them are read."""
     meta = ckpt.meta
     if meta.get("kind") != "training":
         return None
     inexact = list(meta.get("lacks", []))
     optimizer = None
     if "optimizer" not in inexact and load_optim:
-        tp, dp, zero = int(meta.get("tp_size", 1)), int(meta["dp_size"]), bool(meta.get("zero_sharded"))
-        optimizer = [[_read_all(ckpt.path / _rank_file("optim", t, d if zero else None)) for d in (range(dp) if zero else [None])]
-                     for t in range(tp)]  # fmt: skip
+        tp, pp, dp, zero = int(meta.get("tp_size", 1)), int(meta.get("pp_size", 1)), int(meta["dp_size"]), bool(meta.get("zero_sharded"))
+        needed = range(pp) if names is None or pp == 1 else _stages_holding(meta, names)
+        optimizer = [[[_read_all(ckpt.path / _rank_file("optim", t, s, d if zero else None)) for d in (range(dp) if zero else [None])]
+                      for s in needed] for t in range(tp)]  # fmt: skip
+        if not needed:  # a stage with nothing to train: only the update count (the LR schedule's position)
+            count = SafetensorsFile(ckpt.path / _rank_file("optim", 0, 0, 0 if zero else None)).read("step")
+            optimizer = [[[{"step": count}]] for _ in range(tp)]
     elif not load_optim:
         inexact.append("optimizer (load_optim = false)")
     rng = None
-    rng_file = ckpt.path / _rank_file("rng", mesh.tp_rank, mesh.dp_rank)
+    rng_file = ckpt.path / _rank_file("rng", mesh.tp_rank, mesh.pp_rank, mesh.dp_rank)
     if "rng" not in inexact and load_rng and rng_file.exists():
         rng = _read_all(rng_file)
     elif load_rng and "rng" not in inexact:
-        inexact.append(f"rng (no state for data-parallel rank {mesh.dp_rank})")
+        inexact.append(f"rng (no state for tensor / pipeline / data-parallel rank {mesh.tp_rank} / {mesh.pp_rank} / {mesh.dp_rank})")
     data_file = ckpt.path / "data.json"  # listed in meta.json, so already verified by its sha256
     data_state = json.loads(data_file.read_text()) if data_file.exists() else {}
     return Resume(step=int(meta["iteration"]), data_state=data_state, optimizer=optimizer, rng=rng, inexact=tuple(inexact))
+
+
+def _stages_holding(meta: Mapping, names: Collection[str]) -> list[int]:
+    """The stages of the saved pipeline layout that hold any of `names` (parameters or adapters)."""
+    stages = Layout.from_json(meta["layout"]).stages(tower_depths(ThinkerConfig.from_hf(meta["hf_config"])))
+    return sorted({stage_of(n, stages) for n in names})
 
 
 def _read_all(path: Path) -> dict[str, torch.Tensor]:

@@ -60,6 +60,7 @@ class ParallelSection:
     llm_pp_layers: tuple[int, ...] | None = None
     vit_pp_layers: tuple[int, ...] | None = None
     audio_pp_layers: tuple[int, ...] | None = None
+    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"  # with several stages (llm_pp_layers)
     sequence_parallel: bool = False  # split the decoder layers' norm regions along tokens (needs tp > 1)
     cp: int = 1  # context-parallel size: only 1 (context parallelism is not built)
     distributed_optimizer: bool = False  # ZeRO-1 over the data-parallel group

@@ -109,9 +109,10 @@ def check_hetero(parallel, micro_batch_size: int | None) -> dict[str, int]:
     return sizes
 
 
-def run_layout(sizes: Mapping[str, int]) -> Layout:
-    """The checkpoint layout of a run's TP sizes (one stage)."""
-    return Layout(tp=sizes["text"], vit_tp=sizes["vision"], audio_tp=sizes["audio"])
+def run_layout(sizes: Mapping[str, int], parallel=None) -> Layout:
+    """The checkpoint layout of a run: its TP sizes and (from `parallel`) its pipeline layer lists."""
+    pp = {k: getattr(parallel, k) for k in ("llm_pp_layers", "vit_pp_layers", "audio_pp_layers")} if parallel is not None else {}
+    return Layout(tp=sizes["text"], vit_tp=sizes["vision"], audio_tp=sizes["audio"], **pp)
 
 
 def hetero_encoders(mesh: Mesh, sizes: Mapping[str, int]) -> dict[str, EncoderReplicas]:

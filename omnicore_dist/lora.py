@@ -13,7 +13,7 @@ holds adapter checkpoints) checks that `model.load` is that base.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -21,10 +21,23 @@ import torch
 import torch.distributed as dist
 
 from omnicore.checkpoint.commit import read_tracker
-from omnicore.checkpoint.lora_io import AdapterCheckpoint, base_fingerprint, check_base, export_merged_hf, write_peft_adapter
+from omnicore.checkpoint.lora_io import (
+    AdapterCheckpoint,
+    base_fingerprint,
+    check_base,
+    export_merged_hf,
+    write_peft_adapter,
+)
 from omnicore.config import ThinkerConfig
 from omnicore.layout import shard_tensor, unshard_tensors
-from omnicore.lora import LoraError, LoraSpec, adapted, adapter_rule, init_adapters, replicated_half
+from omnicore.lora import (
+    LoraError,
+    LoraSpec,
+    adapted,
+    adapter_rule,
+    init_adapters,
+    replicated_half,
+)
 from omnicore.models.thinker import tp_plans
 from omnicore.params import Params
 from omnicore_dist.config import ConfigError, RunConfig
@@ -75,15 +88,19 @@ class LoraRun:
         return {"lora": {"spec": self.spec.to_json(), "base": self.base}}
 
     def full(self, cfg: ThinkerConfig, mesh: Mesh) -> Params:
-        """Every rank's pieces joined into full adapters (collective over the TP group)."""
-        if mesh.tp == 1:
-            return {k: v.detach() for k, v in self.adapters.items()}
-        plans = tp_plans(cfg)
-        out = {}
-        for name, piece in self.adapters.items():
-            parts = [torch.empty_like(piece) for _ in range(mesh.tp)]
-            dist.all_gather(parts, piece.detach().contiguous(), group=mesh.tp_group)
-            out[name] = unshard_tensors(parts, adapter_rule(name, plans), name)
+        """Every rank's pieces joined into full adapters (collective over the TP group; with
+        pipeline stages, every stage's adapters end up on the main rank)."""
+        out = {k: v.detach() for k, v in self.adapters.items()}
+        if mesh.tp > 1:
+            plans = tp_plans(cfg)
+            for name, piece in self.adapters.items():
+                parts = [torch.empty_like(piece) for _ in range(mesh.tp)]
+                dist.all_gather(parts, piece.detach().contiguous(), group=mesh.tp_group)
+                out[name] = unshard_tensors(parts, adapter_rule(name, plans), name)
+        if mesh.pp > 1:
+            stages: list = [None] * mesh.pp
+            dist.all_gather_object(stages, {k: v.cpu() for k, v in out.items()}, group=mesh.pp_group)
+            out = {k: v for stage in stages for k, v in stage.items()}
         return out
 
     def export(self, cfg: RunConfig, base: Path, loaded, mesh: Mesh, log) -> None:
@@ -118,9 +135,10 @@ def _broadcast(value, mesh: Mesh):
 
 
 def setup_lora(cfg: RunConfig, base: Path, cfg_model: ThinkerConfig, mesh: Mesh, device: torch.device,
-               tower_tp: Mapping[str, int] | None = None) -> LoraRun:  # fmt: skip
+               tower_tp: Mapping[str, int] | None = None, keep: Callable[[str], bool] | None = None) -> LoraRun:  # fmt: skip
     """Spec, base fingerprint (hashed once, on the main rank) and this rank's adapter pieces:
-    fresh (seeded with train.seed) or from `lora.load`, whose recorded base must be `model.load`."""
+    fresh (seeded with train.seed) or from `lora.load`, whose recorded base must be `model.load`.
+    `keep` selects this pipeline stage's adapters (they are named after their layers)."""
     spec = lora_spec(cfg)
     for tower, key in (("vision", "parallel.vit_tp"), ("audio", "parallel.audio_tp")):
         size = (tower_tp or {}).get(tower)
@@ -148,6 +166,8 @@ def setup_lora(cfg: RunConfig, base: Path, cfg_model: ThinkerConfig, mesh: Mesh,
     plans = tp_plans(cfg_model)
     local = {}
     for name, t in full.items():
+        if keep is not None and not keep(name):
+            continue
         piece = shard_tensor(t, adapter_rule(name, plans), mesh.tp_rank, mesh.tp, name)
         local[name] = piece.to(device=device, dtype=torch.float32).contiguous().clone().requires_grad_()
     return LoraRun(spec=spec, adapters=local, base=fingerprint, checkpoint=ckpt)

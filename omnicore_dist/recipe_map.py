@@ -283,7 +283,8 @@ _FLAGS = [
     _flag("--hetero-encoder-mbs-scale", _G_OPTN, "ignored",
           "omnicore runs the encoders on each micro-batch's own media; there is no separate encoder micro-batch (speed only, same result)"),
     _flag("--enable-dummy-optimizer", _G_OPTN, "not needed",
-          "omnicore's optimizer holds only trainable parameters (frozen parts get no state), so no placeholder is needed", arity=0),
+          "omnicore's optimizer holds only trainable parameters (frozen parts get no state), and a pipeline stage with nothing to "
+          "train runs forward and backward with an empty one, so no placeholder is needed", arity=0),
     _key("--lora-target-modules", _G_OPTN, "lora.targets", str, None, arity="+", keys=lambda v: {"lora.targets": tuple(v)},
          why="the layers to adapt, by the recipe's names (linear_qkv linear_proj linear_fc1 linear_fc2), PEFT's (q_proj ...) or all"),
     _key("--lora-r", _G_OPTN, "lora.r", int, None),

@@ -23,10 +23,10 @@ import torch.distributed as dist
 from omnicore.checkpoint.commit import META, TRACKER, read_tracker
 from omnicore.checkpoint.convert import native_to_hf, side_files
 from omnicore.checkpoint.hf import CheckpointError, load_hf
-from omnicore.checkpoint.native import NativeCheckpoint, file_plan
+from omnicore.checkpoint.native import NativeCheckpoint, file_plan, resolve_step
 from omnicore.comm import LOCAL
 from omnicore.config import ConfigError as ModelConfigError
-from omnicore.config import ThinkerConfig
+from omnicore.config import ThinkerConfig, load_config
 from omnicore.data.cache import CacheError, SampleCache, open_cache
 from omnicore.data.config import DataConfigError, load_data_config
 from omnicore.data.errors import DataFormatError, DataStats
@@ -35,8 +35,8 @@ from omnicore.data.loader import Loader, MemorySamples
 from omnicore.data.sample import SampleContext
 from omnicore.data.sampler import StepSampler
 from omnicore.data.tokenizer import Tokenizer, load_tokenizer
-from omnicore.layout import LayoutError
-from omnicore.models.thinker import param_shapes
+from omnicore.layout import LayoutError, Stage, stage_of
+from omnicore.models.thinker import param_shapes, tower_depths
 from omnicore.ops import resolve
 from omnicore.params import Params
 from omnicore_dist.checkpointing import (
@@ -73,14 +73,17 @@ from omnicore_dist.optim import (
     plain_to_zero,
     zero_to_plain,
 )
+from omnicore_dist.pipeline import P2P
 from omnicore_dist.preempt import Preemption
 from omnicore_dist.schedule import LRSchedule, lr_at
 from omnicore_dist.tp import grad_roles, norm_weights, shard_for_rank
 from omnicore_dist.train import (
     BadStep,
     GradBuffer,
+    PipelineState,
     TPState,
     part_of,
+    pipeline_train_step,
     recompute_spec,
     train_step,
 )
@@ -109,18 +112,37 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def load_model(cfg: RunConfig, base: Path, *, device: torch.device, dtype: torch.dtype) -> Loaded:
-    """`model.load` may be an HF folder, a converted release or a training save folder."""
+def _is_native(path: Path) -> bool:
+    return (path / TRACKER).exists() or (path / META).exists()
+
+
+def model_config(cfg: RunConfig, base: Path) -> ThinkerConfig:
+    """The model's config alone (config.json, or the checkpoint's meta.json), to validate layouts
+    before any weight is read."""
     path = _path(base, cfg.model.load)
     if not path.exists():
         raise FileNotFoundError(f"model.load: {path} does not exist")
-    native = (path / TRACKER).exists() or (path / META).exists()
-    if not native:
-        model_cfg, params = load_hf(path, dtype=dtype, device=device)
+    if not _is_native(path):
+        return load_config(path)
+    meta = resolve_step(path, cfg.model.iteration) / META
+    try:
+        return ThinkerConfig.from_hf(json.loads(meta.read_text())["hf_config"])
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{meta}: cannot read the model config ({err!r})") from None
+
+
+def load_model(cfg: RunConfig, base: Path, *, device: torch.device, dtype: torch.dtype, keep: Callable[[str], bool] | None = None) -> Loaded:
+    """`model.load` may be an HF folder, a converted release or a training save folder; `keep`
+    (native name -> bool) reads only the parameters it accepts (one pipeline stage's)."""
+    path = _path(base, cfg.model.load)
+    if not path.exists():
+        raise FileNotFoundError(f"model.load: {path} does not exist")
+    if not _is_native(path):
+        model_cfg, params = load_hf(path, dtype=dtype, device=device, keep=keep)
         hf_config = json.loads((path / "config.json").read_text())
         return Loaded(model_cfg, hf_config, params, path, side_files(path), None)
     ckpt = NativeCheckpoint(path, iteration=cfg.model.iteration)
-    params = {k: v.to(device) for k, v in ckpt.params(dtype).items()}
+    params = {k: v.to(device) for k, v in ckpt.params(dtype, keep).items()}
     hf_dir = cfg.checkpoint.hf_dir or ckpt.meta.get("source", {}).get("hf_dir")
     return Loaded(ckpt.cfg, ckpt.meta["hf_config"], params, _path(base, hf_dir) if hf_dir else None, ckpt.hf_files(), ckpt)
 
@@ -145,7 +167,7 @@ def _build_token(mesh: Mesh) -> str:
     return token[0]
 
 
-def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, mesh: Mesh, run_dir: Path,
+def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, build_token: str, run_dir: Path,
                  show_progress: bool) -> tuple[SampleCache, SampleCache | None, DataStats, Tokenizer]:  # fmt: skip
     """Read `data.config`'s conversations and open their preprocessed caches (training, and validation
     when `eval.interval` asks for it): the data config's `cache_dir` (default `<run folder>/data_cache`),
@@ -158,11 +180,10 @@ def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, mesh: Mesh, run_
     tokenizer.check_config(loaded.cfg)
     convs = dcfg.read_conversations()
     ctx = SampleContext.for_data(dcfg, tokenizer, loaded.cfg)
-    token = _build_token(mesh)
 
     def cached(convs_part):
         return open_cache(dcfg.cache_dir or run_dir / "data_cache", convs_part, ctx, tokenizer_dir=folder,
-                          overwrite=dcfg.overwrite_cache, build_token=token, workers=dcfg.num_workers,
+                          overwrite=dcfg.overwrite_cache, build_token=build_token, workers=dcfg.num_workers,
                           on_bad_sample=dcfg.on_bad_sample, progress=show_progress)  # fmt: skip
 
     cache = cached(convs.train)
@@ -171,6 +192,17 @@ def load_samples(cfg: RunConfig, base: Path, loaded: Loaded, *, mesh: Mesh, run_
         raise ConfigError(f"data.config: no usable sample ({stats.dropped} dropped)\n{stats.report()}")
     val = cached(convs.val) if cfg.eval.interval and convs.val else None
     return cache, val, stats, tokenizer
+
+
+def _shared_failure(failure: Exception | None, mesh: Mesh) -> Exception | None:
+    """Collective: this rank's error, or another rank's as a ConfigError naming it, so every stage
+    stops together when only the first pipeline stage (which reads the data) found a problem."""
+    everyone: list = [None] * mesh.world
+    dist.all_gather_object(everyone, None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        return failure
+    found = next(((r, msg) for r, msg in enumerate(everyone) if msg), None)
+    return None if found is None else ConfigError(f"rank {found[0]} (pipeline stage 0, which reads the data) failed: {found[1]}")
 
 
 def continue_in_run_folder(cfg: RunConfig, base: Path, run_dir: Path) -> RunConfig:
@@ -217,7 +249,23 @@ def _rss() -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-def plan_lines(cfg: RunConfig, loaded: Loaded, mesh: Mesh, trainable: set[str], sample: Mapping | None, decode: Callable | None) -> list[str]:
+def stage_lines(stages: Sequence[Stage], schedule: str) -> list[str]:
+    """One line per pipeline stage: what it holds (global layer indices, inclusive)."""
+    def span(r: range) -> str:
+        return f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start)
+
+    lines = [f"pipeline: {len(stages)} stages, {schedule} schedule"]
+    for st in stages:
+        parts = [f"{label} {span(r)}" for label, r in (("vision blocks", st.vision_blocks), ("audio layers", st.audio_layers)) if r]
+        parts += ["merge + token embedding"] if st.text_embed else []
+        parts += [f"LLM layers {span(st.text_layers)}"] if st.text_layers else []
+        parts += ["final norm + lm_head"] if st.text_head else []
+        lines.append(f"  stage {st.index}: " + ", ".join(parts))
+    return lines
+
+
+def plan_lines(cfg: RunConfig, loaded: Loaded, mesh: Mesh, trainable: set[str], sample: Mapping | None, decode: Callable | None,
+               stages: Sequence[Stage] = ()) -> list[str]:  # fmt: skip
     params = loaded.params
     n_all = sum(p.numel() for p in params.values())
     n_train = sum(params[n].numel() for n in trainable)
@@ -231,7 +279,9 @@ def plan_lines(cfg: RunConfig, loaded: Loaded, mesh: Mesh, trainable: set[str], 
             f"{accum} micro-batch(es) of {cfg.data.micro_batch_size} per rank per step" if not cfg.data.micro_batch_tokens else
             f"{accum * cfg.data.micro_batch_size} samples per rank per step, in micro-batches of up to {cfg.data.micro_batch_tokens} tokens"),
         describe(tower_tp_sizes(cfg.parallel)),
-        f"parameters per rank: {n_all:,} ({n_train:,} trainable; frozen: {', '.join(cfg.model.freeze) or 'none'})",
+        *(stage_lines(stages, cfg.parallel.pipeline_schedule) if len(stages) > 1 else []),
+        f"parameters per rank{' (stage 0)' if len(stages) > 1 else ''}: {n_all:,} ({n_train:,} trainable; frozen: "
+        + ("the base model (LoRA adapters train)" if cfg.lora.targets else ", ".join(cfg.model.freeze) or "none") + ")",
         "memory estimate per rank: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()),
     ]
     if sample is not None:
@@ -272,18 +322,30 @@ def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Mapping[str, torch.Tensor]]], cfg: ThinkerConfig, mesh: Mesh, *,
-                          saved_tp: Mapping[str, int], tower_tp: Mapping[str, int]) -> None:  # fmt: skip
-    """Load a saved optimizer state (`saved[tp rank][ZeRO shard]`) into this run's optimizer, whatever
-    the saved TP sizes (per tower), DP size or ZeRO setting: each TP rank's state is made plain (ZeRO
-    slicing is per parameter, so that is pure), states are re-split with the parameters' TP plan (they
-    have the parameters' shapes), and ZeRO-sliced again for this rank when the run uses ZeRO."""
-    plain = [_plain_state(shards) for shards in saved]
+def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Sequence[Mapping[str, torch.Tensor]]]], cfg: ThinkerConfig, mesh: Mesh, *,
+                          saved_tp: Mapping[str, int], tower_tp: Mapping[str, int], names: set[str]) -> None:  # fmt: skip
+    """Load a saved optimizer state (`saved[tp rank][pipeline stage][ZeRO shard]`) into this run's
+    optimizer, whatever the saved TP sizes (per tower), pipeline layout, DP size or ZeRO setting: each
+    TP rank's state is made plain (ZeRO slicing is per parameter, so that is pure) and joined over the
+    stages, states are re-split with the parameters' TP plan (they have the parameters' shapes), this
+    stage's parameters (`names`) are kept, and ZeRO-sliced again for this rank when the run uses ZeRO."""
+    plain = [_join_stages([_plain_state(shards) for shards in stages]) for stages in saved]
     state = reshard_state(cfg, plain, saved_tp, tower_tp, mesh.tp_rank)
+    state = {k: v for k, v in state.items() if k == "step" or k.split(".", 1)[1] in names}
     if isinstance(optimizer, ZeroAdamW):
         optimizer.load_state_dict(*plain_to_zero(state, mesh.dp, mesh.dp_rank))
     else:
         optimizer.load_state_dict(state)
+
+
+def _join_stages(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One plain state from the saved stages' (disjoint parameters, one shared step count)."""
+    joined: dict[str, torch.Tensor] = {}
+    for state in states:
+        if "step" in joined and int(state["step"]) != int(joined["step"]):
+            raise OptimStateError(f"the saved pipeline stages' optimizer states are at different steps ({int(joined['step'])}, {int(state['step'])})")
+        joined |= state
+    return joined
 
 
 def _plain_state(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -299,10 +361,9 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     rank, world = init_distributed(cfg.parallel.timeout_minutes)
     # per-tower TP sizes (hetero parallel); budgeted micro-batches hold any sample count (the share rule covers them)
     tower_tp = check_hetero(cfg.parallel, None if cfg.data.micro_batch_tokens else cfg.data.micro_batch_size)
-    pp = len(cfg.parallel.llm_pp_layers or (1,))
-    mesh = build_mesh(world, rank, tp=cfg.parallel.tp, pp=pp)
-    if mesh.pp > 1:
-        raise ConfigError(f"parallel.llm_pp_layers gives {mesh.pp} pipeline stages: this build trains with tensor and data parallelism only")
+    layout = run_layout(tower_tp, cfg.parallel)
+    stages = layout.stages(tower_depths(model_config(cfg, base)))  # the layer lists' rules, before any weight is read
+    mesh = build_mesh(world, rank, tp=cfg.parallel.tp, pp=len(stages))
     if cfg.data.global_batch_size % (cfg.data.micro_batch_size * mesh.dp):
         raise ConfigError(
             f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by data.micro_batch_size "
@@ -314,26 +375,37 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     dtype = _dtype(cfg.model.dtype, device)
     run_dir = _path(base, cfg.checkpoint.save or f"runs/{Path(cfg.model.load).name}")
     given, cfg = cfg, (continue_lora_run if cfg.lora.targets else continue_in_run_folder)(cfg, base, run_dir)
-    loaded = load_model(cfg, base, device=device, dtype=dtype)
+    stage = stages[mesh.pp_rank]
+    on_stage = (lambda name: stage_of(name, stages) == stage.index) if mesh.pp > 1 else None
+    first_stage = mesh.pp_rank == 0
+    loaded = load_model(cfg, base, device=device, dtype=dtype, keep=on_stage)
     if mesh.tp > 1:  # keep only this rank's pieces (the plan validates head / vocab divisibility)
-        file_plan(loaded.cfg, run_layout(tower_tp))
+        file_plan(loaded.cfg, layout)
         loaded = attrs.evolve(loaded, params=shard_for_rank(loaded.cfg, loaded.params, mesh.tp_rank, mesh.tp, tower_tp))
     stats = DataStats()
-    if samples is None:
-        source, val_source, stats, tokenizer = load_samples(cfg, base, loaded, mesh=mesh, run_dir=run_dir,
-                                                            show_progress=mesh.is_main and cfg.log.progress)  # fmt: skip
-        decode = decode or tokenizer.decode
-    else:
-        source, val_source = MemorySamples(samples), MemorySamples(val_samples) if val_samples else None
-    if cfg.eval.interval and (val_source is None or not len(val_source)):
-        raise ConfigError("eval.interval is set but there are no validation samples: give the data config a validation "
-                          "split or file (MindSpeed basic_parameters.val_rate / val_dataset; omnicore val_ratio / val_datasets)")  # fmt: skip
+    source = val_source = None  # only the first pipeline stage reads data; later stages get it in the payloads
+    build_token, failure = _build_token(mesh), None
+    try:
+        if samples is None and first_stage:
+            source, val_source, stats, tokenizer = load_samples(cfg, base, loaded, build_token=build_token, run_dir=run_dir,
+                                                                show_progress=mesh.is_main and cfg.log.progress)  # fmt: skip
+            decode = decode or tokenizer.decode
+        elif first_stage:
+            source, val_source = MemorySamples(samples), MemorySamples(val_samples) if val_samples else None
+        if cfg.eval.interval and first_stage and (val_source is None or not len(val_source)):
+            raise ConfigError("eval.interval is set but there are no validation samples: give the data config a validation "
+                              "split or file (MindSpeed basic_parameters.val_rate / val_dataset; omnicore val_ratio / val_datasets)")  # fmt: skip
+    except RUN_ERRORS as err:
+        failure = err
+    failure = _shared_failure(failure, mesh) if mesh.pp > 1 else failure
+    if failure is not None:
+        raise failure
     frozen = set(cfg.model.freeze)
     # One canonical parameter order (the model definition's), whatever the checkpoint's file order:
     # sums over parameters (gradient norm) must not depend on where the weights came from.
-    order = list(param_shapes(loaded.cfg))
+    order = [n for n in param_shapes(loaded.cfg) if n in loaded.params]  # this stage's
     trainable = {n: loaded.params[n] for n in order if part_of(n) not in frozen and n != "audio.bos_eos.weight"}
-    lora = setup_lora(cfg, base, loaded.cfg, mesh, device, tower_tp) if cfg.lora.targets else None
+    lora = setup_lora(cfg, base, loaded.cfg, mesh, device, tower_tp, keep=on_stage) if cfg.lora.targets else None
     trainable = lora.adapters if lora else trainable  # LoRA: only the adapters train (and have optimizer state)
     model_params = lora.view(loaded.params, train=True) if lora else loaded.params
     for n, p in loaded.params.items():
@@ -344,15 +416,14 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         roles = lora_grad_roles(loaded.cfg, trainable, mesh.tp) if lora else grad_roles(loaded.cfg, trainable, mesh.tp, sequence_parallel=sp, tower_tp=tower_tp)
         comm = TPComm(mesh.tp_group, mesh.tp_rank, mesh.tp, sequence_parallel=sp, encoders=hetero_encoders(mesh, tower_tp))
         tp_state = TPState(comm=comm, roles=roles, weights=norm_weights(roles))
+    pipe = PipelineState(stage=stage, p2p=P2P(mesh, device), schedule=cfg.parallel.pipeline_schedule) if mesh.pp > 1 else None
     if dry_run:
         if mesh.is_main:
             print(f"ops backend: {ops.name}; device {device}; dtype {dtype}")
             shown = attrs.evolve(loaded, params=loaded.params | trainable) if lora else loaded
-            print("\n".join(plan_lines(cfg, shown, mesh, set(trainable), source.load(0) if len(source) else None, decode)))
+            print("\n".join(plan_lines(cfg, shown, mesh, set(trainable), source.load(0) if len(source) else None, decode, stages=stages)))
         return {}
-    sampler = StepSampler(n_samples=len(source), global_batch=cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
-                          dp_size=mesh.dp, seed=cfg.data.seed, shuffle=cfg.data.shuffle)  # fmt: skip
-    optimizer = _optimizer(cfg, trainable, mesh)
+    optimizer = _optimizer(cfg, trainable, mesh)  # a stage with nothing to train gets an empty one: no work
     schedule = _schedule(cfg)
     recompute = recompute_spec(loaded.cfg, cfg.model.recompute)
     grads = GradBuffer(trainable)
@@ -360,11 +431,13 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     log = RunLog(run_dir, enabled=mesh.is_main, interval=cfg.log.interval, warmup_steps=cfg.log.warmup_steps,
                  total_steps=cfg.train.train_iters, first_step=1, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)  # fmt: skip
     resume_from = lora.checkpoint if lora else loaded.checkpoint  # LoRA continues from its adapter checkpoint, never the base's
-    resume = load_resume(resume_from, mesh, load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng) if resume_from else None
+    resume = load_resume(resume_from, mesh, load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng,
+                         names=set(trainable)) if resume_from else None  # fmt: skip
     if resume is not None:
         step, consumed = resume.step, int(resume.data_state.get("consumed_samples", 0))
         if resume.optimizer is not None:
-            _load_optimizer_state(optimizer, resume.optimizer, loaded.cfg, mesh, saved_tp=saved_sizes(resume_from.meta), tower_tp=tower_tp)
+            _load_optimizer_state(optimizer, resume.optimizer, loaded.cfg, mesh, saved_tp=saved_sizes(resume_from.meta), tower_tp=tower_tp,
+                                  names=set(trainable))  # fmt: skip
         if resume.rng is not None:
             set_rng_state(resume.rng)
         log.message(f"resumed from {resume_from.path} at step {step}, {consumed} samples consumed"
@@ -377,14 +450,14 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     if mesh.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(given))
-        log.message(f"ops backend {ops.name}, device {device}, dtype {dtype}, world {mesh.world} (dp {mesh.dp})")
+        log.message(f"ops backend {ops.name}, device {device}, dtype {dtype}, world {mesh.world} (dp {mesh.dp}, pp {mesh.pp}, tp {mesh.tp})")
     run_config_text = to_toml(given)
     bad_in_a_row, last_saved = 0, None
 
     def save(at: int) -> Path | None:
         return save_training(
             SaveRequest(
-                root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=run_layout(tower_tp), params=loaded.params,
+                root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=layout, params=loaded.params,
                 optimizer=(lambda: _optimizer_state(optimizer)) if cfg.checkpoint.save_optim else None,
                 zero_sharded=isinstance(optimizer, ZeroAdamW), save_rng=cfg.checkpoint.save_rng,
                 data_state={"consumed_samples": consumed, "seed": cfg.data.seed}, run_config=run_config_text,
@@ -396,28 +469,39 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
 
     last = cfg.train.train_iters if stop_after is None else min(cfg.train.train_iters, step + stop_after)
     val_groups = validation_groups(len(val_source), limit=cfg.eval.iters * cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
-                                   dp_size=mesh.dp, dp_rank=mesh.dp_rank) if cfg.eval.interval else []  # fmt: skip
+                                   dp_size=mesh.dp, dp_rank=mesh.dp_rank) if cfg.eval.interval and first_stage else []  # fmt: skip
     if step >= last:  # a finished run started again: nothing to train, nothing to overwrite
         log.message(f"the run folder {run_dir} is already at step {step} of {cfg.train.train_iters}: nothing to train")
         log.close()
         return {"run_dir": str(run_dir), "step": step}
     preemption, preempted = Preemption.install(), False
     # Workers load and collate ahead; the position (samples consumed) is all a resume needs.
-    batches = Loader(source, sampler, dp_rank=mesh.dp_rank, num_workers=cfg.data.num_workers, stats=stats,
-                     max_tokens=cfg.data.micro_batch_tokens or None).steps(consumed)  # fmt: skip
+    batches = None
+    if first_stage:
+        sampler = StepSampler(n_samples=len(source), global_batch=cfg.data.global_batch_size, micro_batch=cfg.data.micro_batch_size,
+                              dp_size=mesh.dp, seed=cfg.data.seed, shuffle=cfg.data.shuffle)  # fmt: skip
+        batches = Loader(source, sampler, dp_rank=mesh.dp_rank, num_workers=cfg.data.num_workers, stats=stats,
+                         max_tokens=cfg.data.micro_batch_tokens or None).steps(consumed)  # fmt: skip
+    stage_times = StageTimes()
     try:
         while step < last:
             started = time.perf_counter()
-            fetched = next(batches)
-            micro = fetched.micro_batches
-            for problem in fetched.problems:  # a corrupt cache entry repaired, an unreadable sample dropped
-                log.message(problem)
+            micro = None
+            if batches is not None:
+                fetched = next(batches)
+                micro = fetched.micro_batches
+                for problem in fetched.problems:  # a corrupt cache entry repaired, an unreadable sample dropped
+                    log.message(problem)
             data_seconds = time.perf_counter() - started
             allow_skip = cfg.train.bad_step_policy == "skip" and bad_in_a_row < cfg.train.max_bad_steps - 1
             lr = lr_at(schedule, optimizer.num_steps)
-            result = train_step(model_params, grads, optimizer, loaded.cfg, micro, lr=lr, tp=tp_state,
-                                mesh=mesh, ops=ops, loss_reduction=cfg.train.loss_reduction, clip_grad=cfg.train.clip_grad,
-                                recompute=recompute, allow_skip=allow_skip)  # fmt: skip
+            common = dict(lr=lr, tp=tp_state, mesh=mesh, ops=ops, loss_reduction=cfg.train.loss_reduction, clip_grad=cfg.train.clip_grad,
+                          recompute=recompute, allow_skip=allow_skip)  # fmt: skip
+            if pipe is None:
+                result = train_step(model_params, grads, optimizer, loaded.cfg, micro, **common)
+            else:
+                result = pipeline_train_step(model_params, grads, optimizer, loaded.cfg, micro, pipe=pipe, **common)
+                stage_times.add(result.pipeline, time.perf_counter() - started, warmup=step < cfg.log.warmup_steps)
             step += 1
             consumed += cfg.data.global_batch_size
             bad_in_a_row = 0 if result.applied else bad_in_a_row + 1
@@ -428,7 +512,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
                                 peak_flops_per_device=cfg.log.peak_tflops * 1e12))  # fmt: skip
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.train_iters):
                 scored = validate(lora.view(loaded.params, train=False) if lora else loaded.params, loaded.cfg, val_source, val_groups, step=step, mesh=mesh, ops=ops,
-                                  comm=tp_state.comm if tp_state else LOCAL, stats=stats)  # fmt: skip
+                                  comm=tp_state.comm if tp_state else LOCAL, stats=stats, pipe=pipe)  # fmt: skip
                 for problem in scored.problems:
                     log.message(problem)
                 log.validation(scored.as_event())
@@ -446,8 +530,11 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         log.close()
         raise
     finally:
-        batches.close()  # stops the loader's worker processes
+        if batches is not None:
+            batches.close()  # stops the loader's worker processes
         preemption.close()
+    if pipe is not None:
+        _log_pipeline(stage_times, mesh, log, pipe.schedule)
     summary = log.summary()
     if lora is not None and not preempted:  # PEFT folder and / or the base with the adapters merged
         lora.export(cfg, base, loaded, mesh, log)
@@ -458,6 +545,50 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         log.message(f"exported the final model to {out}")
     log.close()
     return summary | {"run_dir": str(run_dir), "step": step, "preempted": preempted}
+
+
+@attrs.define
+class StageTimes:
+    """This pipeline stage's time over the run's measured steps (after the log's warm-up steps)."""
+
+    steps: int = 0
+    micro_batches: int = 0
+    step_seconds: float = 0.0
+    busy_seconds: float = 0.0  # forward and backward work
+    schedule_seconds: float = 0.0  # the schedule from first receive to last send
+
+    def add(self, trace, step_seconds: float, *, warmup: bool) -> None:
+        if warmup:
+            return
+        self.steps += 1
+        self.micro_batches += sum(1 for kind, _ in trace.events if kind == "F")
+        self.step_seconds += step_seconds
+        self.busy_seconds += trace.busy_seconds
+        self.schedule_seconds += trace.total_seconds
+
+    def summary(self, stage: int) -> dict:
+        n = max(self.steps, 1)
+        bubble = 1.0 - self.busy_seconds / self.schedule_seconds if self.schedule_seconds > 0 else 0.0
+        return {"stage": stage, "steps": self.steps, "micro_batches": self.micro_batches / n, "step_seconds": self.step_seconds / n,
+                "busy_seconds": self.busy_seconds / n, "bubble": max(0.0, bubble)}  # fmt: skip
+
+
+def _log_pipeline(times: StageTimes, mesh: Mesh, log: RunLog, schedule: str) -> None:
+    """Collective: every stage's step time and bubble fraction (idle share of its schedule), logged
+    once by the main rank with the analytic 1F1B / GPipe bubble (p - 1) / (m + p - 1)."""
+    everyone: list = [None] * mesh.world
+    dist.all_gather_object(everyone, (mesh.dp_rank, mesh.tp_rank, times.summary(mesh.pp_rank)))
+    if not mesh.is_main:
+        return
+    stages = sorted((s for dp, tp, s in everyone if dp == 0 and tp == 0), key=lambda s: s["stage"])
+    if not stages[0]["steps"]:
+        return
+    m, p = stages[0]["micro_batches"], mesh.pp
+    analytic = (p - 1) / (m + p - 1)
+    log.message(f"pipeline ({schedule}, {p} stages, {m:g} micro-batches per step, {stages[0]['steps']} steps measured): "
+                + "; ".join(f"stage {s['stage']} {s['step_seconds']:.3f} s/step, bubble {100 * s['bubble']:.1f} %" for s in stages)
+                + f"; analytic bubble {100 * analytic:.1f} %")  # fmt: skip
+    log.event("pipeline", schedule=schedule, stages=stages, analytic_bubble=analytic)
 
 
 def _stat_counts(stats: DataStats) -> dict[str, int]:

@@ -20,16 +20,28 @@ import torch.distributed as dist
 
 from omnicore.comm import LOCAL
 from omnicore.config import ThinkerConfig
+from omnicore.layout import Stage
 from omnicore.models.recompute import Recompute
-from omnicore.models.thinker import IGNORE_INDEX, ThinkerInputs, prepare_inputs, thinker_token_losses
+from omnicore.models.thinker import (
+    IGNORE_INDEX,
+    ThinkerInputs,
+    head_token_losses,
+    inputs_from_meta,
+    inputs_meta,
+    prepare_inputs,
+    stage_forward,
+    thinker_token_losses,
+)
 from omnicore.ops import Ops
 from omnicore.params import Params
+from omnicore_dist.hetero import sum_encoder_replicas
 from omnicore_dist.mesh import Mesh
 from omnicore_dist.optim import ZeroAdamW
-from omnicore_dist.hetero import sum_encoder_replicas
+from omnicore_dist.pipeline import P2P, StageExecutor, StageTrace
 from omnicore_dist.tp import GradRole, sum_partial, sum_replicated_kv
 
-__all__ = ["part_of", "model_flops", "GradBuffer", "StepResult", "BadStep", "TPState", "global_norm", "train_step", "recompute_spec"]
+__all__ = ["part_of", "model_flops", "GradBuffer", "StepResult", "BadStep", "TPState", "PipelineState", "global_norm", "train_step",
+           "pipeline_train_step", "recompute_spec"]  # fmt: skip
 
 _BUCKET_BYTES = 32 * 2**20
 
@@ -119,6 +131,7 @@ class StepResult:
     modality_tokens: Mapping[str, int]
     applied: bool  # False when a non-finite loss / norm skipped the update
     flops: float = 0.0  # model FLOPs of this rank's micro-batches (forward + backward)
+    pipeline: StageTrace | None = None  # this stage's schedule, under pipeline parallelism
 
 
 class BadStep(RuntimeError):
@@ -203,6 +216,7 @@ def _update(optimizer, grads: GradBuffer, mesh: Mesh, tp: TPState | None, *, cli
         sum_partial(grads.views, tp.roles, group=mesh.tp_group)
         sum_encoder_replicas(grads.flat, grads.views, tp.roles, getattr(tp.comm, "encoders", {}))  # hetero parallel
     groups = [mesh.tp_group] if tp is not None else []
+    groups += [mesh.pp_group] if mesh.pp > 1 else []  # every stage holds other parameters
     if isinstance(optimizer, ZeroAdamW):
         slices = optimizer.reduce_grads(grads.views)
         groups += [mesh.dp_group] if mesh.dp > 1 else []
@@ -216,7 +230,7 @@ def _update(optimizer, grads: GradBuffer, mesh: Mesh, tp: TPState | None, *, cli
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             raise BadStep(f"non-finite {what} (loss {loss}, grad norm {norm}); parameters are unchanged")
         return norm, False
-    if clip_grad > 0 and norm > clip_grad:
+    if clip_grad > 0 and norm > clip_grad and slices:  # (a stage with nothing to train has no slices)
         torch._foreach_mul_(list(slices.values()), clip_grad / (norm + 1e-6))  # torch's clip_grad_norm_ rule
     optimizer.step(slices, lr=lr)
     return norm, True
@@ -281,4 +295,88 @@ def train_step(
         modality_tokens={"text": int(t[3] - t[4] - t[5] - t[6]), "image": int(t[4]), "video": int(t[5]), "audio": int(t[6])},
         applied=applied,
         flops=model_flops(cfg, inputs),
+    )
+
+
+@attrs.frozen
+class PipelineState:
+    """This rank's pipeline stage: its plan entry, the exchange with its neighbours, the schedule."""
+
+    stage: Stage
+    p2p: P2P
+    schedule: str = "1f1b"
+
+
+def pipeline_train_step(
+    params: Params,
+    grads: GradBuffer,
+    optimizer,
+    cfg: ThinkerConfig,
+    micro_batches: Sequence[Mapping | ThinkerInputs] | None,
+    *,
+    pipe: PipelineState,
+    lr: float,
+    mesh: Mesh,
+    ops: Ops,
+    loss_reduction: str = "token",
+    clip_grad: float = 0.0,
+    recompute: Recompute = Recompute(),
+    allow_skip: bool = False,
+    autocast: torch.dtype | None = None,
+    tp: TPState | None = None,
+) -> StepResult:
+    """`train_step` for one pipeline stage (collective over the pipeline, DP and TP groups).
+
+    Only the first stage reads micro-batches (`micro_batches`; None on the others). It counts the
+    step's targets (all-reduced over DP, as `train_step` does) and sends the counts down the
+    pipeline, so the last stage scales each micro-batch's loss by the global denominator. Each
+    micro-batch's payload carries the inputs' metadata with the activations; the loss comes back from
+    the last stage, and the gradient norm sums over the stages."""
+    p2p, stage = pipe.p2p, pipe.stage
+    first, last = p2p.stage == 0, p2p.stage == p2p.stages - 1
+    inputs: list[ThinkerInputs] = []
+    header = torch.zeros(9, dtype=torch.float64)  # micro-batches, the 7 counts, model FLOPs
+    if first:
+        inputs = [mb if isinstance(mb, ThinkerInputs) else prepare_inputs(cfg, mb) for mb in micro_batches]
+        totals = _counts(inputs)
+        if mesh.dp > 1:
+            dist.all_reduce(totals, group=mesh.dp_group)
+        header = torch.cat([torch.tensor([float(len(inputs))], dtype=torch.float64), totals, torch.tensor([model_flops(cfg, inputs)], dtype=torch.float64)])
+    header = p2p.broadcast_from_first(header.to(p2p.device)).cpu()
+    micro, totals = int(header[0]), header[1:8]
+    comm = tp.comm if tp else LOCAL
+    loss_sum = torch.zeros((), dtype=torch.float64)
+
+    def forward(i: int, payload: dict) -> dict | torch.Tensor:
+        nonlocal loss_sum
+        meta = {k: v for k, v in payload.items() if not v.is_floating_point()}
+        inp = inputs[i] if first else inputs_from_meta(cfg, meta)
+        carry = {k: v for k, v in payload.items() if v.is_floating_point()}
+        with torch.autocast(p2p.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = stage_forward(params, cfg, stage, inp, carry, ops=ops, comm=comm, recompute=recompute)
+            if not last:
+                return out | (inputs_meta(inp) if first else meta)
+            losses, sample_ids = head_token_losses(params, cfg, inp, out["hidden"], ops=ops, comm=comm)
+        objective = _objective(losses, sample_ids, loss_reduction, totals)
+        loss_sum += objective.detach().double().cpu()
+        return objective
+
+    grads.zero()
+    trace = StageExecutor(p2p, forward, after_backward=grads.collect).run(pipe.schedule, micro)
+    if last and mesh.dp > 1:
+        dist.all_reduce(loss_sum, group=mesh.dp_group)
+    loss = float(p2p.broadcast_from_last(loss_sum.to(p2p.device)))
+    norm, applied = _update(optimizer, grads, mesh, tp, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
+    grads.release()
+    t = totals.tolist()
+    return StepResult(
+        loss=loss,
+        grad_norm=norm,
+        tokens=int(t[3]),
+        targets=int(t[0]),
+        samples=int(t[2]),
+        modality_tokens={"text": int(t[3] - t[4] - t[5] - t[6]), "image": int(t[4]), "video": int(t[5]), "audio": int(t[6])},
+        applied=applied,
+        flops=float(header[8]),
+        pipeline=trace,
     )

@@ -24,9 +24,17 @@ from omnicore.config import ThinkerConfig
 from omnicore.data.errors import DataStats
 from omnicore.data.loader import SampleSource, load_micro_batches
 from omnicore.eval import validation_loss
+from omnicore.models.thinker import (
+    head_token_losses,
+    inputs_from_meta,
+    inputs_meta,
+    prepare_inputs,
+    stage_forward,
+)
 from omnicore.ops import Ops
 from omnicore.params import Params
 from omnicore_dist.mesh import Mesh
+from omnicore_dist.pipeline import StageExecutor
 
 __all__ = ["validation_groups", "Validation", "validate"]
 
@@ -61,21 +69,55 @@ class Validation:
                 "val_samples": self.samples, "val_seconds": self.seconds}  # fmt: skip
 
 
-def validate(params: Params, cfg: ThinkerConfig, source: SampleSource, groups: Sequence[Sequence[int]], *, step: int,
-             mesh: Mesh, ops: Ops, comm: Comm = LOCAL, stats: DataStats | None = None) -> Validation:  # fmt: skip
+def validate(params: Params, cfg: ThinkerConfig, source: SampleSource | None, groups: Sequence[Sequence[int]], *, step: int,
+             mesh: Mesh, ops: Ops, comm: Comm = LOCAL, stats: DataStats | None = None, pipe=None) -> Validation:  # fmt: skip
     """Score this rank's `groups` (no gradients, parameters untouched) and reduce over the DP group.
 
-    Collective over the DP group (and the TP group through `comm`): every rank of the run calls it."""
+    Collective over the DP group (and the TP group through `comm`): every rank of the run calls it.
+    With pipeline stages (`pipe`, omnicore_dist.train.PipelineState) the first stage reads the
+    micro-batches (`source` is None on the others), they run forward through the stages, and the
+    last stage's sums reach every stage."""
     started = time.perf_counter()
     batches, problems = [], []
-    for batch, found in load_micro_batches(source, groups, stats=stats):
-        problems += found
-        batches += [batch] if batch is not None else []
-    result = validation_loss(params, cfg, batches, ops=ops, comm=comm)
-    counts = torch.tensor([result.total, result.targets, sum(int(b["cu_seqlens"].numel()) - 1 for b in batches)], dtype=torch.float64)
+    if source is not None:
+        for batch, found in load_micro_batches(source, groups, stats=stats):
+            problems += found
+            batches += [batch] if batch is not None else []
+    samples = sum(int(b["cu_seqlens"].numel()) - 1 for b in batches)
+    if pipe is None:
+        result = validation_loss(params, cfg, batches, ops=ops, comm=comm)
+        counts = torch.tensor([result.total, result.targets, samples], dtype=torch.float64)
+    else:
+        counts = _pipeline_sums(params, cfg, batches, samples, pipe=pipe, ops=ops, comm=comm)
     if mesh.dp > 1:
         dist.all_reduce(counts, group=mesh.dp_group)
+    if pipe is not None:
+        counts = pipe.p2p.broadcast_from_last(counts.to(pipe.p2p.device)).cpu()
     total, targets, samples = counts.tolist()
     loss = total / targets if targets else math.nan
     return Validation(step=step, loss=loss, targets=int(targets), samples=int(samples), seconds=time.perf_counter() - started,
                       problems=tuple(problems))  # fmt: skip
+
+
+def _pipeline_sums(params: Params, cfg: ThinkerConfig, batches: Sequence, samples: int, *, pipe, ops: Ops, comm: Comm) -> torch.Tensor:
+    """(loss sum, targets, samples) of this pipeline's micro-batches, on its last stage (the first
+    stage's sample count travels with the micro-batch count)."""
+    p2p, stage = pipe.p2p, pipe.stage
+    last = p2p.stage == p2p.stages - 1
+    inputs = [prepare_inputs(cfg, b) for b in batches] if p2p.stage == 0 else []
+    header = p2p.broadcast_from_first(torch.tensor([len(inputs), samples], dtype=torch.float64, device=p2p.device)).cpu()
+    sums = torch.tensor([0.0, 0.0, float(header[1])], dtype=torch.float64)
+
+    def forward(i: int, payload: dict):
+        meta = {k: v for k, v in payload.items() if not v.is_floating_point()}
+        inp = inputs[i] if p2p.stage == 0 else inputs_from_meta(cfg, meta)
+        out = stage_forward(params, cfg, stage, inp, {k: v for k, v in payload.items() if v.is_floating_point()}, ops=ops, comm=comm)
+        if not last:
+            return out | (inputs_meta(inp) if p2p.stage == 0 else meta)
+        losses, _ = head_token_losses(params, cfg, inp, out["hidden"], ops=ops, comm=comm)
+        sums[0] += float(losses.double().sum())
+        sums[1] += losses.numel()
+        return losses
+
+    StageExecutor(p2p, forward).forward_only(int(header[0]))
+    return sums

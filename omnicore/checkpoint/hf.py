@@ -216,18 +216,21 @@ class SafetensorsFolder:
 
 
 def load_hf(
-    folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", keep: Callable[[str], bool] | None = None
 ) -> tuple[ThinkerConfig, Params]:
     """(config, params) of the thinker in an HF Qwen2.5-Omni folder (full model or thinker-only).
 
     Every thinker tensor is used exactly once; unknown, missing or mis-shaped tensors are an error
-    listing them. `dtype` None keeps the stored dtype.
+    listing them. `dtype` None keeps the stored dtype; `keep` (native name -> bool) reads only the
+    tensors it accepts (a pipeline stage's).
     """
     cfg = load_config(folder)
     store = SafetensorsFolder(folder)
     names = map_thinker_keys(store.keys(), store.shape, cfg, str(folder))
     params = {}
     for hf_name, native in names.items():
+        if keep is not None and not keep(native):
+            continue
         t = store.get(hf_name)
         params[native] = t.to(device=device, dtype=dtype or t.dtype)
     return cfg, params

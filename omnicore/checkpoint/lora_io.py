@@ -1,7 +1,7 @@
 """LoRA adapters on disk: adapter-only checkpoints, the base they belong to, and the two exports.
 
 An adapter checkpoint is a native step folder (`iter_*/`, same commit protocol) that holds
-`lora-tpXX.safetensors` (each TP rank's adapter pieces, omnicore.lora's names) plus the usual
+`lora-tpXX-ppYY.safetensors` (each TP rank's adapter pieces on each pipeline stage, omnicore.lora's names) plus the usual
 optimizer / RNG / data files, and no model files. Its `meta.json` carries `lora`: the LoraSpec
 and `base` = {path, sha256} of the base checkpoint it was trained on. The base's checksum is the
 sha256 of its files' recorded sha256s (native) or of its safetensors files' bytes (HF folder), so
@@ -27,11 +27,27 @@ from omnicore.checkpoint.commit import META, TRACKER
 from omnicore.checkpoint.convert import native_to_hf
 from omnicore.checkpoint.hf import CheckpointError, load_hf
 from omnicore.checkpoint.hf import native_to_hf as hf_name
-from omnicore.checkpoint.native import DictSource, NativeCheckpoint, resolve_step, write_native
-from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, sha256_file
+from omnicore.checkpoint.native import (
+    DictSource,
+    NativeCheckpoint,
+    resolve_step,
+    write_native,
+)
+from omnicore.checkpoint.safetensors_io import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    sha256_file,
+)
 from omnicore.config import ThinkerConfig
 from omnicore.layout import Layout, unshard_tensors
-from omnicore.lora import LoraError, LoraSpec, adapter_rule, adapter_shapes, layer_of, merge
+from omnicore.lora import (
+    LoraError,
+    LoraSpec,
+    adapter_rule,
+    adapter_shapes,
+    layer_of,
+    merge,
+)
 from omnicore.params import Params, check_shapes
 
 __all__ = [
@@ -48,9 +64,9 @@ __all__ = [
 ]
 
 
-def adapter_file(tp_rank: int) -> str:
-    """The adapter pieces of TP rank `tp_rank` in a step folder."""
-    return f"lora-tp{tp_rank:02d}.safetensors"
+def adapter_file(tp_rank: int, pp_rank: int = 0) -> str:
+    """The adapter pieces of TP rank `tp_rank` on pipeline stage `pp_rank` in a step folder."""
+    return f"lora-tp{tp_rank:02d}-pp{pp_rank:02d}.safetensors"
 
 
 def base_fingerprint(path: str | Path) -> dict[str, str]:
@@ -89,6 +105,7 @@ class AdapterCheckpoint:
         self.base = dict(self.meta["lora"]["base"])
         self.cfg = ThinkerConfig.from_hf(self.meta["hf_config"])
         self.tp = int(self.meta.get("tp_size", 1))
+        self.pp = int(self.meta.get("pp_size", 1))
         for name, info in self.meta["files"].items():  # adapters, optimizer, RNG, data: all small
             path = self.path / name
             if not path.exists() or sha256_file(path) != info["sha256"]:
@@ -98,9 +115,11 @@ class AdapterCheckpoint:
         """Full (unsharded) fp32 adapters, checked against the spec's shapes."""
         from omnicore.models.thinker import tp_plans
 
-        files = [SafetensorsFile(self.path / adapter_file(r)) for r in range(self.tp)]
         plans = tp_plans(self.cfg)
-        out = {n: unshard_tensors([f.read(n) for f in files], adapter_rule(n, plans), n) for n in files[0].keys()}
+        out = {}
+        for stage in range(self.pp):
+            files = [SafetensorsFile(self.path / adapter_file(r, stage)) for r in range(self.tp)]
+            out |= {n: unshard_tensors([f.read(n) for f in files], adapter_rule(n, plans), n) for n in files[0].keys()}
         check_shapes({k: v.shape for k, v in out.items()}, adapter_shapes(self.cfg, self.spec), source=str(self.path))
         return out
 

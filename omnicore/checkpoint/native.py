@@ -19,15 +19,27 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 import torch
 
-from omnicore.checkpoint.commit import META, TRACKER, StepWriter, read_tracker, step_dirname
+from omnicore.checkpoint.commit import (
+    META,
+    TRACKER,
+    StepWriter,
+    read_tracker,
+    step_dirname,
+)
 from omnicore.checkpoint.hf import CheckpointError
-from omnicore.checkpoint.safetensors_io import CHUNK_BYTES, SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, sha256_file
+from omnicore.checkpoint.safetensors_io import (
+    CHUNK_BYTES,
+    SafetensorsFile,
+    SafetensorsFormatError,
+    SafetensorsWriter,
+    sha256_file,
+)
 from omnicore.config import ThinkerConfig
 from omnicore.layout import (
     TOWERS,
@@ -215,12 +227,13 @@ def write_model_files(
             raise
 
 
-def write_rank_files(folder: Path, cfg: ThinkerConfig, layout: Layout, local: Mapping[str, torch.Tensor], rank: int) -> list[tuple[str, str, int]]:
-    """The files of TP rank `rank` from that rank's own pieces `local` (a trainer saving without
-    gathering the model); returns (file name, sha256, bytes) for the step's meta.json."""
+def write_rank_files(folder: Path, cfg: ThinkerConfig, layout: Layout, local: Mapping[str, torch.Tensor], rank: int,
+                     stage: int = 0) -> list[tuple[str, str, int]]:  # fmt: skip
+    """The files of TP rank `rank` on pipeline stage `stage` from that rank's own pieces `local` (a
+    trainer saving without gathering the model); returns (file name, sha256, bytes) for meta.json."""
     records = []
     for spec in file_plan(cfg, layout):
-        if spec.rank != rank:
+        if spec.rank != rank or spec.stage != stage:
             continue
         with SafetensorsWriter(folder / spec.name, {n: (local[n].dtype, tuple(local[n].shape)) for n in spec.tensors}, {"format": FORMAT}) as w:
             for n in spec.tensors:
@@ -358,8 +371,9 @@ class NativeCheckpoint:
                 out = torch.cat(parts, dim=1) if join else parts[0]
                 yield out if dtype is None else out.to(dtype)
 
-    def params(self, dtype: torch.dtype | None = None) -> Params:
-        return {n: self.read(n).to(dtype or self.dtype(n)) for n in self.names()}
+    def params(self, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None) -> Params:
+        """Full tensors (`keep`: only the names it accepts, e.g. one pipeline stage's)."""
+        return {n: self.read(n).to(dtype or self.dtype(n)) for n in self.names() if keep is None or keep(n)}
 
     def hf_files(self) -> dict[str, Path]:
         """Tokenizer / processor / config files copied from the HF source, by name."""

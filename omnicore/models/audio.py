@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from omnicore.comm import LOCAL, Comm, row_linear
 from omnicore.config import AudioConfig
 from omnicore.layout import Split, TPPlan
-from omnicore.models.recompute import run_layer
 from omnicore.models.positions import audio_token_count
+from omnicore.models.recompute import run_layer
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
 
-__all__ = ["audio_param_shapes", "audio_tp_plan", "AudioLayout", "audio_layout", "audio_encoder", "audio_block", "MIN_MEL_FRAMES"]
+__all__ = ["audio_param_shapes", "audio_tp_plan", "AudioLayout", "audio_layout", "audio_encoder", "audio_stem", "audio_layers", "audio_head", "audio_block", "MIN_MEL_FRAMES"]
 
 MIN_MEL_FRAMES = 3  # fewer frames give zero tokens (HF crashes on them)
 
@@ -168,20 +168,9 @@ def audio_block(params: Params, cfg: AudioConfig, x: torch.Tensor, chunks: Segme
     return x
 
 
-def audio_encoder(
-    params: Params,
-    cfg: AudioConfig,
-    features: torch.Tensor,
-    layout: AudioLayout,
-    *,
-    ops: Ops,
-    comm: Comm = LOCAL,
-    recompute: frozenset[int] = frozenset(),
-) -> torch.Tensor:
-    """(n_mels, sum L) log-mel frames of all clips back to back -> (sum tokens, output_dim).
-
-    params relative to "audio."; layers in `recompute` are recomputed during backward.
-    """
+def audio_stem(params: Params, cfg: AudioConfig, features: torch.Tensor, layout: AudioLayout) -> torch.Tensor:
+    """(n_mels, sum L) log-mel frames -> (sum A, C): the two convs and positions, real frames only;
+    params relative to "audio."."""
     if features.dim() != 2 or features.shape[0] != cfg.n_mels or features.shape[1] != sum(layout.chunk_frames):
         raise ValueError(
             f"audio features have shape {tuple(features.shape)}; the clip lengths need "
@@ -195,9 +184,48 @@ def audio_encoder(
     x = F.gelu(F.conv1d(x, w1, params["conv1.bias"], padding=1)) * layout.frame_mask
     x = F.gelu(F.conv1d(x, params["conv2.weight"], params["conv2.bias"], stride=2, padding=1))
     x = x.transpose(1, 2) + layout.positions.to(x.dtype)  # positions restart in every chunk
-    x = x[layout.kept]  # (sum A, C), real frames only
-    for i in range(cfg.n_layers):
+    return x[layout.kept]
+
+
+def audio_layers(
+    params: Params,
+    cfg: AudioConfig,
+    x: torch.Tensor,
+    layout: AudioLayout,
+    layers: range,
+    *,
+    ops: Ops,
+    comm: Comm = LOCAL,
+    recompute: frozenset[int] = frozenset(),
+) -> torch.Tensor:
+    """Layers `layers` (global indices) on (sum A, C); params relative to "audio."."""
+    for i in layers:
         x = run_layer(audio_block, i in recompute, select(params, f"layers.{i}."), cfg, x, layout.chunks, ops=ops, comm=comm)
+    return x
+
+
+def audio_head(params: Params, cfg: AudioConfig, x: torch.Tensor, layout: AudioLayout) -> torch.Tensor:
+    """Pool pairs of frames within each clip, LayerNorm, project -> (sum tokens, output_dim)."""
     x = (x[layout.pool_first] + x[layout.pool_first + 1]) * 0.5  # AvgPool1d(2, 2) within each clip
     x = F.layer_norm(x, (x.shape[1],), params["norm.weight"], params["norm.bias"], cfg.ln_eps)
     return F.linear(x, params["proj.weight"], params["proj.bias"])
+
+
+def audio_encoder(
+    params: Params,
+    cfg: AudioConfig,
+    features: torch.Tensor,
+    layout: AudioLayout,
+    *,
+    ops: Ops,
+    comm: Comm = LOCAL,
+    recompute: frozenset[int] = frozenset(),
+) -> torch.Tensor:
+    """(n_mels, sum L) log-mel frames of all clips back to back -> (sum tokens, output_dim).
+
+    params relative to "audio."; layers in `recompute` are recomputed during backward. A pipeline
+    stage runs the same three parts, each where the stage plan puts it.
+    """
+    x = audio_stem(params, cfg, features, layout)
+    x = audio_layers(params, cfg, x, layout, range(cfg.n_layers), ops=ops, comm=comm, recompute=recompute)
+    return audio_head(params, cfg, x, layout)

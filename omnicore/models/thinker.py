@@ -17,13 +17,38 @@ import torch
 
 from omnicore.comm import LOCAL, Comm
 from omnicore.config import ThinkerConfig
-from omnicore.models.audio import AudioLayout, audio_encoder, audio_layout, audio_param_shapes, audio_tp_plan
+from omnicore.layout import Stage, TPPlan
+from omnicore.models.audio import (
+    AudioLayout,
+    audio_encoder,
+    audio_head,
+    audio_layers,
+    audio_layout,
+    audio_param_shapes,
+    audio_stem,
+    audio_tp_plan,
+)
 from omnicore.models.encoder_shares import media_shares
 from omnicore.models.positions import MediaQueue, packed_positions
 from omnicore.models.recompute import NO_RECOMPUTE, Recompute
-from omnicore.models.text import mrope_tables, text_embed, text_head, text_layers, text_param_shapes, text_tp_plan
-from omnicore.models.vision import VisionLayout, vision_encoder, vision_layout, vision_param_shapes, vision_tp_plan
-from omnicore.layout import TPPlan
+from omnicore.models.text import (
+    mrope_tables,
+    text_embed,
+    text_head,
+    text_layers,
+    text_param_shapes,
+    text_tp_plan,
+)
+from omnicore.models.vision import (
+    VisionLayout,
+    vision_blocks,
+    vision_encoder,
+    vision_head,
+    vision_layout,
+    vision_param_shapes,
+    vision_stem,
+    vision_tp_plan,
+)
 from omnicore.ops import Ops, Segments, resolve
 from omnicore.params import Params, Shapes, init_params, prefixed, select
 
@@ -35,10 +60,15 @@ __all__ = [
     "ThinkerInputs",
     "prepare_inputs",
     "embed_inputs",
+    "whole_model_stage",
+    "stage_forward",
+    "inputs_meta",
+    "inputs_from_meta",
     "thinker_hidden",
     "thinker_logits",
     "thinker_loss",
     "thinker_token_losses",
+    "head_token_losses",
     "IGNORE_INDEX",
 ]
 
@@ -72,7 +102,7 @@ def init_thinker(cfg: ThinkerConfig, *, seed: int, std: float = 0.02, dtype=torc
 class Media:
     """One encoder's input for a batch: its tensor, its layout and the token slots it fills."""
 
-    values: torch.Tensor
+    values: torch.Tensor | None  # None on a pipeline stage after the first (the values travel in the carry)
     layout: VisionLayout | AudioLayout
     slots: torch.Tensor
     items: tuple = ()  # vision: each item's grid (t, h, w), to cut the batch into encoder-replica shares
@@ -241,21 +271,8 @@ def embed_inputs(
 
     Each encoder runs as `comm.encoder(tower)` says: on the whole batch, or (hetero parallel) on this
     replica's share of the samples, the replicas' features gathered before the merge."""
-    x = text_embed(select(params, "text."), inputs.input_ids, comm=comm)
-    for tower, media in (("audio", inputs.audios), ("vision", inputs.images), ("vision", inputs.videos)):
-        if media is None:
-            continue
-        enc = comm.encoder(tower)
-        if enc.dp_size == 1:
-            feats = _encode(params, cfg, tower, media.values, media.layout, ops=ops, comm=enc.comm, recompute=recompute)
-        else:
-            shares = media_shares(cfg, media, tower, inputs.segments.segment_ids(), len(inputs.segments.lengths), enc.dp_size)
-            mine = shares[enc.dp_rank]
-            local = (_encode(params, cfg, tower, mine.values, mine.layout, ops=ops, comm=enc.comm, recompute=recompute).to(x.dtype)
-                     if mine.rows else x.new_zeros(0, x.shape[1]))  # fmt: skip
-            feats = enc.gather_features(local, [s.rows for s in shares])
-        x = x.index_put((media.slots,), feats.to(x.dtype))
-    return x
+    stage = attrs.evolve(whole_model_stage(cfg), text_layers=range(0))
+    return stage_forward(params, cfg, stage, inputs, {}, ops=ops, comm=comm, recompute=recompute)["hidden"]
 
 
 def _encode(params: Params, cfg: ThinkerConfig, tower: str, values, layout, *, ops: Ops, comm: Comm, recompute: Recompute) -> torch.Tensor:
@@ -264,16 +281,106 @@ def _encode(params: Params, cfg: ThinkerConfig, tower: str, values, layout, *, o
     return vision_encoder(select(params, "vision."), cfg.vision, values, layout, ops=ops, comm=comm, recompute=recompute.vision)
 
 
-def thinker_hidden(
-    params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL, recompute: Recompute = NO_RECOMPUTE
-) -> torch.Tensor:
-    """Decoder output before the final norm: (N, C), whole on every rank.
+# (carry name, ThinkerInputs field, tower) of every encoder input, in merge order.
+_MEDIA = (("audio", "audios", "audio"), ("image", "images", "vision"), ("video", "videos", "vision"))
 
-    With sequence parallelism the decoder layers see 1 / tp of the tokens: the sequence is padded to
-    a multiple of tp with rows of an extra segment of their own (so they attend only to themselves
+
+def whole_model_stage(cfg: ThinkerConfig) -> Stage:
+    """The one stage of an unpipelined model: every layer and every extra."""
+    return Stage(index=0, text_layers=range(cfg.text.n_layers), vision_blocks=range(cfg.vision.depth), audio_layers=range(cfg.audio.n_layers),
+                 text_embed=True, text_head=True, vision_stem=True, vision_merger=True, audio_stem=True, audio_head=True)  # fmt: skip
+
+
+def stage_forward(
+    params: Params,
+    cfg: ThinkerConfig,
+    stage: Stage,
+    inputs: ThinkerInputs,
+    carry: Mapping[str, torch.Tensor],
+    *,
+    ops: Ops,
+    comm: Comm = LOCAL,
+    recompute: Recompute = NO_RECOMPUTE,
+) -> dict[str, torch.Tensor]:
+    """One pipeline stage (omnicore.layout.Stage): its encoder layers, the merge, its decoder layers.
+
+    `carry` holds what earlier stages produced, by name, and the result is what later stages need:
+    "<kind>_values" (an encoder's input, before the stage with its stem; kind audio / image / video),
+    "<kind>_states" (an encoder part-way), "<kind>_features" (its output, waiting for the merge) and
+    "hidden" (decoder states before the final norm, whole on every TP rank). The whole model is the
+    one-stage case (`whole_model_stage`), so pipelined and plain runs share this code.
+    """
+    out: dict[str, torch.Tensor] = {}
+    features: dict[str, torch.Tensor] = {}
+    enc_comm = comm.replicated()
+    for kind, field, tower in _MEDIA:
+        media = getattr(inputs, field)
+        if media is None or "hidden" in carry:  # no such media, or merged on an earlier stage
+            continue
+        done = _encoder_part(params, cfg, stage, kind, tower, media, carry, out, inputs, ops=ops, comm=enc_comm, recompute=recompute)
+        if done is not None:
+            features[kind] = done
+    if stage.text_embed:
+        x = text_embed(select(params, "text."), inputs.input_ids, comm=enc_comm)
+        for kind, field, _ in _MEDIA:
+            if kind in features:
+                x = x.index_put((getattr(inputs, field).slots,), features[kind].to(x.dtype))
+    elif "hidden" in carry:
+        x = carry["hidden"]
+    else:  # the LLM starts on a later stage
+        out |= {f"{kind}_features": f for kind, f in features.items()}
+        return out
+    out["hidden"] = _decoder_layers(params, cfg, x, inputs, stage.text_layers, ops=ops, comm=comm, recompute=recompute) if stage.text_layers else x
+    return out
+
+
+def _encoder_part(params, cfg, stage, kind, tower, media, carry, out, inputs, *, ops, comm, recompute) -> torch.Tensor | None:
+    """Run this stage's share of one encoder on one kind of media: its features when the encoder is
+    finished here or before, else None (what a later stage continues from is put in `out`)."""
+    if f"{kind}_features" in carry:
+        return carry[f"{kind}_features"]
+    vision = tower == "vision"
+    stem, head = (stage.vision_stem, stage.vision_merger) if vision else (stage.audio_stem, stage.audio_head)
+    layers = stage.vision_blocks if vision else stage.audio_layers
+    values = media.values if media.values is not None else carry.get(f"{kind}_values")
+    enc = comm.encoder(tower)
+    if enc.dp_size > 1:  # hetero parallel: the whole encoder sits on this stage (checked by the runtime)
+        if not (stem and head):
+            raise ValueError(f"the {tower} encoder with encoder data-parallel replicas must sit on one pipeline stage")
+        shares = media_shares(cfg, attrs.evolve(media, values=values), tower, inputs.segments.segment_ids(), len(inputs.segments.lengths), enc.dp_size)
+        mine = shares[enc.dp_rank]
+        # One dtype on every replica for the gather: the output projection's.
+        proj = params["vision.merger.fc2.weight" if vision else "audio.proj.weight"]
+        local = (_encode(params, cfg, tower, mine.values, mine.layout, ops=ops, comm=enc.comm, recompute=recompute).to(proj.dtype)
+                 if mine.rows else proj.new_zeros(0, proj.shape[0]))  # fmt: skip
+        return enc.gather_features(local, [s.rows for s in shares])
+    if stem:
+        p = select(params, "vision.") if vision else select(params, "audio.")
+        x = vision_stem(p, cfg.vision, values, media.layout) if vision else audio_stem(p, cfg.audio, values, media.layout)
+    elif f"{kind}_states" in carry:
+        x = carry[f"{kind}_states"]
+    else:  # the encoder starts on a later stage: pass its input on
+        out[f"{kind}_values"] = values
+        return None
+    if vision:
+        x = vision_blocks(select(params, "vision."), cfg.vision, x, media.layout, layers, ops=ops, comm=enc.comm, recompute=recompute.vision)
+    else:
+        x = audio_layers(select(params, "audio."), cfg.audio, x, media.layout, layers, ops=ops, comm=enc.comm, recompute=recompute.audio)
+    if not head:
+        out[f"{kind}_states"] = x
+        return None
+    if vision:
+        return vision_head(select(params, "vision."), cfg.vision, x, media.layout, ops=ops, comm=enc.comm)
+    return audio_head(select(params, "audio."), cfg.audio, x, media.layout)
+
+
+def _decoder_layers(params, cfg, x, inputs, layers, *, ops, comm, recompute) -> torch.Tensor:
+    """Decoder layers `layers` on (N, C), whole on every rank before and after.
+
+    With sequence parallelism the layers see 1 / tp of the tokens: the sequence is padded to a
+    multiple of tp with rows of an extra segment of their own (so they attend only to themselves
     and nothing attends to them), split, and joined again after the last layer.
     """
-    x = embed_inputs(params, cfg, inputs, ops=ops, comm=comm.replicated(), recompute=recompute)
     positions, segments = inputs.positions, inputs.segments
     pad = -x.shape[0] % comm.tp_size if comm.sequence_parallel else 0
     if pad:
@@ -281,11 +388,52 @@ def thinker_hidden(
         positions = torch.cat([positions, positions.new_zeros(3, pad)], dim=1)
         segments = Segments.from_lengths((*segments.lengths, pad), x.device)
     rope = mrope_tables(cfg.text, positions, x.dtype)
-    layers = range(cfg.text.n_layers)
     x = comm.scatter_tokens(x)
     x = text_layers(select(params, "text."), cfg.text, x, rope, segments, layers, ops=ops, comm=comm, recompute=recompute.text)
     x = comm.gather_tokens(x)
     return x[: x.shape[0] - pad] if pad else x
+
+
+def thinker_hidden(
+    params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, *, ops: Ops, comm: Comm = LOCAL, recompute: Recompute = NO_RECOMPUTE
+) -> torch.Tensor:
+    """Decoder output before the final norm: (N, C), whole on every rank."""
+    return stage_forward(params, cfg, whole_model_stage(cfg), inputs, {}, ops=ops, comm=comm, recompute=recompute)["hidden"]
+
+
+def inputs_meta(inputs: ThinkerInputs) -> dict[str, torch.Tensor]:
+    """What a later pipeline stage needs to rebuild `inputs` without the media values (small integer
+    tensors): token ids, positions, sample bounds, targets, each medium's grids or mel lengths."""
+    meta = {"input_ids": inputs.input_ids, "positions": inputs.positions, "cu_seqlens": inputs.segments.cu_seqlens}
+    if inputs.targets is not None:
+        meta["targets"] = inputs.targets
+    for kind, field, _ in _MEDIA:
+        media = getattr(inputs, field)
+        if media is not None:
+            sizes = media.layout.mel_frames if kind == "audio" else media.items
+            meta[f"{kind}_sizes"] = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), -1)
+    return meta
+
+
+def inputs_from_meta(cfg: ThinkerConfig, meta: Mapping[str, torch.Tensor]) -> ThinkerInputs:
+    """Inverse of `inputs_meta`: the inputs with layouts and slots rebuilt and no media values."""
+    ids = meta["input_ids"]
+    media = {}
+    for kind, field, tower in _MEDIA:
+        sizes = meta.get(f"{kind}_sizes")
+        if sizes is None:
+            continue
+        token = {"audio": cfg.tokens.audio, "image": cfg.tokens.image, "video": cfg.tokens.video}[kind]
+        if tower == "audio":
+            layout = audio_layout(cfg.audio, sizes[:, 0].tolist(), device=ids.device)
+            media[field] = Media(values=None, layout=layout, slots=_slots(ids, token, sum(layout.tokens_per_clip), kind))
+        else:
+            grids = tuple(tuple(int(v) for v in g) for g in sizes.tolist())
+            layout = vision_layout(cfg.vision, sizes, device=ids.device)
+            media[field] = Media(values=None, layout=layout, slots=_slots(ids, token, sum(layout.tokens_per_item), kind), items=grids)
+    segments = Segments.from_cu_seqlens(meta["cu_seqlens"])
+    return ThinkerInputs(input_ids=ids, positions=meta["positions"], segments=segments, batch_shape=(1, ids.numel()),
+                         targets=meta.get("targets"), **media)  # fmt: skip
 
 
 def _as_inputs(cfg: ThinkerConfig, batch) -> ThinkerInputs:
@@ -324,6 +472,15 @@ def thinker_token_losses(
         raise KeyError("the batch has no labels")
     ops = ops or resolve("auto", inputs.input_ids.device)
     h = thinker_hidden(params, cfg, inputs, ops=ops, comm=comm, recompute=recompute)
+    return head_token_losses(params, cfg, inputs, h, ops=ops, comm=comm)
+
+
+def head_token_losses(
+    params: Params, cfg: ThinkerConfig, inputs: ThinkerInputs, hidden: torch.Tensor, *, ops: Ops, comm: Comm = LOCAL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`thinker_token_losses` from the decoder output `hidden` (N, C): final norm, lm_head and
+    cross-entropy at the targets only (the last pipeline stage's part)."""
+    h = hidden
     keep = (inputs.targets != IGNORE_INDEX).nonzero().squeeze(1)
     head = comm.replicated()
     logits = text_head(select(params, "text."), cfg.text, h[keep], params["lm_head.weight"], ops=ops, comm=head)

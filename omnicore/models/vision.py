@@ -22,7 +22,7 @@ from omnicore.models.recompute import run_layer
 from omnicore.ops import Ops, Segments
 from omnicore.params import Params, Shapes, select
 
-__all__ = ["vision_param_shapes", "vision_tp_plan", "VisionLayout", "vision_layout", "vision_encoder", "vision_block", "window_order"]
+__all__ = ["vision_param_shapes", "vision_tp_plan", "VisionLayout", "vision_layout", "vision_encoder", "vision_stem", "vision_blocks", "vision_head", "vision_block", "window_order"]
 
 
 def vision_param_shapes(cfg: VisionConfig) -> Shapes:
@@ -176,6 +176,44 @@ def vision_block(
     return x + row_linear(ops.swiglu(gate, up), params["mlp.down.weight"], params["mlp.down.bias"], comm=comm)
 
 
+def vision_stem(params: Params, cfg: VisionConfig, pixel_values: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
+    """(N, patch_dim) patches -> (N, C) patch embeddings in window order; params relative to "vision."."""
+    n, u = pixel_values.shape[0], cfg.merge_unit
+    if pixel_values.shape[1] != cfg.patch_dim or n != layout.order.numel() * u:
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}; the grids need "
+            f"({layout.order.numel() * u}, {cfg.patch_dim})"
+        )
+    w = params["patch_embed.weight"]
+    # Conv3d with kernel == stride over one patch is a matmul with the flattened kernel.
+    x = F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1))
+    return x.view(-1, u, x.shape[-1])[layout.order].reshape(n, -1)  # window order, 4 patches per unit
+
+
+def vision_blocks(
+    params: Params,
+    cfg: VisionConfig,
+    x: torch.Tensor,
+    layout: VisionLayout,
+    blocks: range,
+    *,
+    ops: Ops,
+    comm: Comm = LOCAL,
+    recompute: frozenset[int] = frozenset(),
+) -> torch.Tensor:
+    """Blocks `blocks` (global indices) on (N, C) patches in window order; params relative to "vision."."""
+    full = set(cfg.fullatt_blocks)
+    for i in blocks:
+        segments = layout.slices if i in full else layout.windows
+        x = run_layer(vision_block, i in recompute, select(params, f"blocks.{i}."), cfg, x, layout, segments, ops=ops, comm=comm)
+    return x
+
+
+def vision_head(params: Params, cfg: VisionConfig, x: torch.Tensor, layout: VisionLayout, *, ops: Ops, comm: Comm = LOCAL) -> torch.Tensor:
+    """The merger on the last block's output -> (N / 4, out_hidden) tokens in item / raster order."""
+    return _merge(select(params, "merger."), cfg, x, comm=comm, ops=ops)[layout.restore]
+
+
 def vision_encoder(
     params: Params,
     cfg: VisionConfig,
@@ -188,23 +226,12 @@ def vision_encoder(
 ) -> torch.Tensor:
     """(N, patch_dim) patches -> (N / 4, out_hidden) merged tokens in item / raster order.
 
-    params relative to "vision."; blocks in `recompute` are recomputed during backward.
+    params relative to "vision."; blocks in `recompute` are recomputed during backward. A pipeline
+    stage runs the same three parts, each where the stage plan puts it.
     """
-    n, u = pixel_values.shape[0], cfg.merge_unit
-    if pixel_values.shape[1] != cfg.patch_dim or n != layout.order.numel() * u:
-        raise ValueError(
-            f"pixel_values has shape {tuple(pixel_values.shape)}; the grids need "
-            f"({layout.order.numel() * u}, {cfg.patch_dim})"
-        )
-    w = params["patch_embed.weight"]
-    # Conv3d with kernel == stride over one patch is a matmul with the flattened kernel.
-    x = F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1))
-    x = x.view(-1, u, x.shape[-1])[layout.order].reshape(n, -1)  # window order, 4 patches per unit
-    full = set(cfg.fullatt_blocks)
-    for i in range(cfg.depth):
-        segments = layout.slices if i in full else layout.windows
-        x = run_layer(vision_block, i in recompute, select(params, f"blocks.{i}."), cfg, x, layout, segments, ops=ops, comm=comm)
-    return _merge(select(params, "merger."), cfg, x, comm=comm, ops=ops)[layout.restore]
+    x = vision_stem(params, cfg, pixel_values, layout)
+    x = vision_blocks(params, cfg, x, layout, range(cfg.depth), ops=ops, comm=comm, recompute=recompute)
+    return vision_head(params, cfg, x, layout, ops=ops, comm=comm)
 
 
 def _merge(params: Params, cfg: VisionConfig, x: torch.Tensor, *, ops: Ops, comm: Comm) -> torch.Tensor:

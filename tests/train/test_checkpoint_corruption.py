@@ -43,7 +43,7 @@ def _flip(path, rng=None):
 
 def test_the_checkpoint_has_the_files_the_test_flips(step_folder):
     names = _files(step_folder)
-    for expected in ("meta.json", "data.json", "run_config.toml", "optim-tp00.safetensors", "rng-tp00-dp00.safetensors",
+    for expected in ("meta.json", "data.json", "run_config.toml", "optim-tp00-pp00.safetensors", "rng-tp00-pp00-dp00.safetensors",
                      "text-tp00-pp00.safetensors", "hf/config.json"):  # fmt: skip
         assert expected in names, names
 
@@ -73,8 +73,8 @@ def test_a_truncated_file_and_a_missing_meta_are_found(step_folder, tmp_path):
     def truncate(path):
         path.write_bytes(path.read_bytes()[:-7])
 
-    damaged = _damaged(step_folder, tmp_path / "t", "optim-tp00.safetensors", truncate)
-    with pytest.raises(CheckpointError, match="optim-tp00.safetensors"):
+    damaged = _damaged(step_folder, tmp_path / "t", "optim-tp00-pp00.safetensors", truncate)
+    with pytest.raises(CheckpointError, match="optim-tp00-pp00.safetensors"):
         NativeCheckpoint(damaged)
     damaged = _damaged(step_folder, tmp_path / "m", "meta.json", lambda p: p.unlink())
     with pytest.raises(CheckpointError, match="meta.json"):

@@ -88,7 +88,7 @@ def test_bf16_parameters_train_with_fp32_masters(tiny_hf, samples, tmp_path):
     assert ckpt.dtype("text.layers.0.attn.q.weight") == torch.bfloat16
     from omnicore.checkpoint.safetensors_io import SafetensorsFile
 
-    optim = SafetensorsFile(ckpt.path / "optim-tp00.safetensors")
+    optim = SafetensorsFile(ckpt.path / "optim-tp00-pp00.safetensors")
     assert optim.tensors["master.text.layers.0.attn.q.weight"].dtype == torch.float32
 
 

@@ -47,7 +47,7 @@ def trained(tiny_hf, samples, tmp_path_factory):
     return base / "run"
 
 
-@pytest.mark.parametrize("planted", ["optim-tp00.safetensors", "rng-tp00-dp00.safetensors", "text-tp00-pp00.safetensors"])
+@pytest.mark.parametrize("planted", ["optim-tp00-pp00.safetensors", "rng-tp00-pp00-dp00.safetensors", "text-tp00-pp00.safetensors"])
 def test_a_pickle_in_a_checkpoint_is_refused_naming_the_file(trained, samples, tmp_path, planted):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)

@@ -67,9 +67,9 @@ def test_lora_run_saves_only_adapters_resumes_exactly_and_exports(tiny_hf, sampl
     assert straight.meta["iteration"] == 4
     assert straight.base == base_fingerprint(tiny_hf)
     files = set(straight.meta["files"])
-    assert "lora-tp00.safetensors" in files and "optim-tp00.safetensors" in files
+    assert "lora-tp00-pp00.safetensors" in files and "optim-tp00-pp00.safetensors" in files
     assert not [f for f in files if f.startswith(("text-", "vision-", "audio-"))], "the frozen base was saved"
-    optim = SafetensorsFile(straight.path / "optim-tp00.safetensors").keys()
+    optim = SafetensorsFile(straight.path / "optim-tp00-pp00.safetensors").keys()
     assert {k.split(".", 1)[1] for k in optim if k != "step"} == set(straight.params()), "optimizer state beyond the adapters"
     adapters = straight.params()
     assert all(adapters[k].abs().max() > 0 for k in adapters if k.endswith("lora_B")), "B did not train"

@@ -38,7 +38,7 @@ def test_lora_tp2_run_equals_one_process(tiny_hf, tmp_path):
     launch(2, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / "logs")
     assert _losses(base / "run") == pytest.approx(_losses(single / "run"), rel=1e-6)
     got = AdapterCheckpoint(base / "run")
-    assert got.tp == 2 and {"lora-tp00.safetensors", "lora-tp01.safetensors"} <= set(got.meta["files"])
+    assert got.tp == 2 and {"lora-tp00-pp00.safetensors", "lora-tp01-pp00.safetensors"} <= set(got.meta["files"])
     full, ref = got.params(), want.params()
     for k, v in ref.items():
         assert (full[k] - v).abs().max() <= 0.02 * LR, k

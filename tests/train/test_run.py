@@ -90,7 +90,7 @@ def test_perturbing_the_saved_state_changes_the_continuation(tiny_hf, samples, t
     run(cfg, base=base, samples=samples, stop_after=3)
     step_dir = base / "run" / "iter_0000003"
     if what == "optimizer":
-        _rewrite(step_dir, "optim-tp00.safetensors", lambda k, v: v * 3 if k.startswith("exp_avg.") else v)
+        _rewrite(step_dir, "optim-tp00-pp00.safetensors", lambda k, v: v * 3 if k.startswith("exp_avg.") else v)
     else:
         data = json.loads((step_dir / "data.json").read_text())
         data["consumed_samples"] += 4
@@ -121,7 +121,7 @@ def test_frozen_parts_get_no_update_and_no_optimizer_state(tiny_hf, samples, tmp
     import omnicore
 
     _, start = omnicore.load_hf(tiny_hf)
-    optim = SafetensorsFile(base / "run" / "iter_0000002" / "optim-tp00.safetensors").keys()
+    optim = SafetensorsFile(base / "run" / "iter_0000002" / "optim-tp00-pp00.safetensors").keys()
     assert not [k for k in optim if ".vision.blocks" in k or ".audio." in k]
     assert any(k.startswith("exp_avg.vision.merger.") for k in optim)  # the merger stays trainable
     assert torch.equal(before["vision.blocks.0.attn.q.weight"], start["vision.blocks.0.attn.q.weight"])

@@ -134,9 +134,10 @@ def test_validation_split_from_the_data_config(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("layout", [["--parallel.tp=1"], ["--parallel.tp=2"]], ids=["dp2", "tp2"])
-def test_validation_under_dp2_and_tp2_equals_one_process(single, tiny_hf, tmp_path, layout):
-    """DP 2 scores 3 + 2 of the 5 samples (uneven ranks); TP 2 scores all 5 with split weights."""
+@pytest.mark.parametrize("layout", [["--parallel.tp=1"], ["--parallel.tp=2"], ["--parallel.llm_pp_layers=[1,2]"]], ids=["dp2", "tp2", "pp2"])
+def test_validation_under_dp2_tp2_and_pp2_equals_one_process(single, tiny_hf, tmp_path, layout):
+    """DP 2 scores 3 + 2 of the 5 samples (uneven ranks); TP 2 scores all 5 with split weights; PP 2
+    runs them forward through two stages (the first reads them, the last scores them)."""
     job = {"hf": str(tiny_hf), "base": str(tmp_path / "job"), "iters": ITERS, "val": True, "overrides": layout}
     launch(2, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / "logs", timeout=300)
     got = _validations(tmp_path / "job" / "run")

@@ -7,6 +7,7 @@ val (optional: validation every two steps on `val_samples`)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def main(job: dict) -> None:
     torch.set_num_threads(1)
     base = Path(job["base"])
     base.mkdir(parents=True, exist_ok=True)
-    (base / "run.toml").write_text(CONFIG.format(hf=job["hf"], iters=job["iters"]))
+    mine = base / f"run.toml.{os.environ.get('RANK', '0')}"  # every rank writes it: replace atomically, never read half
+    mine.write_text(CONFIG.format(hf=job["hf"], iters=job["iters"]))
+    os.replace(mine, base / "run.toml")
     validating = job.get("val", False)
     cfg = load_run_config(base / "run.toml", job["overrides"] + (EVAL_OVERRIDES if validating else []))
     run(cfg, base=base, samples=samples(), val_samples=val_samples() if validating else None, stop_after=job.get("stop_after"))
