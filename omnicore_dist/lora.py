@@ -21,23 +21,10 @@ import torch
 import torch.distributed as dist
 
 from omnicore.checkpoint.commit import read_tracker
-from omnicore.checkpoint.lora_io import (
-    AdapterCheckpoint,
-    base_fingerprint,
-    check_base,
-    export_merged_hf,
-    write_peft_adapter,
-)
+from omnicore.checkpoint.lora_io import AdapterCheckpoint, base_fingerprint, check_base, export_merged_hf, write_peft_adapter
 from omnicore.config import ThinkerConfig
 from omnicore.layout import shard_tensor, unshard_tensors
-from omnicore.lora import (
-    LoraError,
-    LoraSpec,
-    adapted,
-    adapter_rule,
-    init_adapters,
-    replicated_half,
-)
+from omnicore.lora import LoraError, LoraSpec, adapted, adapter_rule, init_adapters, replicated_half
 from omnicore.models.thinker import tp_plans
 from omnicore.params import Params
 from omnicore_dist.config import ConfigError, RunConfig

@@ -39,54 +39,19 @@ from omnicore.layout import LayoutError, Stage, stage_of
 from omnicore.models.thinker import param_shapes, tower_depths
 from omnicore.ops import resolve
 from omnicore.params import Params
-from omnicore_dist.checkpointing import (
-    SaveRequest,
-    load_resume,
-    save_training,
-    set_rng_state,
-)
+from omnicore_dist.checkpointing import SaveRequest, load_resume, save_training, set_rng_state
 from omnicore_dist.comm import TPComm
 from omnicore_dist.config import ConfigError, RunConfig, load_run_config, to_toml
-from omnicore_dist.hetero import (
-    check_hetero,
-    describe,
-    hetero_encoders,
-    reshard_state,
-    run_layout,
-    saved_sizes,
-    tower_tp_sizes,
-)
+from omnicore_dist.hetero import check_hetero, describe, hetero_encoders, reshard_state, run_layout, saved_sizes, tower_tp_sizes
 from omnicore_dist.lora import continue_lora_run, lora_grad_roles, setup_lora
-from omnicore_dist.mesh import (
-    Mesh,
-    MeshError,
-    build_mesh,
-    close_distributed,
-    init_distributed,
-    local_device,
-)
+from omnicore_dist.mesh import Mesh, MeshError, build_mesh, close_distributed, init_distributed, local_device
 from omnicore_dist.metrics import RunLog, StepRecord
-from omnicore_dist.optim import (
-    AdamW,
-    OptimStateError,
-    ZeroAdamW,
-    plain_to_zero,
-    zero_to_plain,
-)
+from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero, zero_to_plain
 from omnicore_dist.pipeline import P2P
 from omnicore_dist.preempt import Preemption
 from omnicore_dist.schedule import LRSchedule, lr_at
 from omnicore_dist.tp import grad_roles, norm_weights, shard_for_rank
-from omnicore_dist.train import (
-    BadStep,
-    GradBuffer,
-    PipelineState,
-    TPState,
-    part_of,
-    pipeline_train_step,
-    recompute_spec,
-    train_step,
-)
+from omnicore_dist.train import BadStep, GradBuffer, PipelineState, TPState, part_of, pipeline_train_step, recompute_spec, train_step
 from omnicore_dist.validate import validate, validation_groups
 
 __all__ = ["run", "run_from_file", "Loaded", "load_model", "plan_lines", "memory_estimate", "RUN_ERRORS"]

@@ -24,13 +24,7 @@ from omnicore.config import ThinkerConfig
 from omnicore.data.errors import DataStats
 from omnicore.data.loader import SampleSource, load_micro_batches
 from omnicore.eval import validation_loss
-from omnicore.models.thinker import (
-    head_token_losses,
-    inputs_from_meta,
-    inputs_meta,
-    prepare_inputs,
-    stage_forward,
-)
+from omnicore.models.thinker import head_token_losses, inputs_from_meta, inputs_meta, prepare_inputs, stage_forward
 from omnicore.ops import Ops
 from omnicore.params import Params
 from omnicore_dist.mesh import Mesh

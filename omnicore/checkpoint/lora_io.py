@@ -27,27 +27,11 @@ from omnicore.checkpoint.commit import META, TRACKER
 from omnicore.checkpoint.convert import native_to_hf
 from omnicore.checkpoint.hf import CheckpointError, load_hf
 from omnicore.checkpoint.hf import native_to_hf as hf_name
-from omnicore.checkpoint.native import (
-    DictSource,
-    NativeCheckpoint,
-    resolve_step,
-    write_native,
-)
-from omnicore.checkpoint.safetensors_io import (
-    SafetensorsFile,
-    SafetensorsWriter,
-    sha256_file,
-)
+from omnicore.checkpoint.native import DictSource, NativeCheckpoint, resolve_step, write_native
+from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, sha256_file
 from omnicore.config import ThinkerConfig
 from omnicore.layout import Layout, unshard_tensors
-from omnicore.lora import (
-    LoraError,
-    LoraSpec,
-    adapter_rule,
-    adapter_shapes,
-    layer_of,
-    merge,
-)
+from omnicore.lora import LoraError, LoraSpec, adapter_rule, adapter_shapes, layer_of, merge
 from omnicore.params import Params, check_shapes
 
 __all__ = [

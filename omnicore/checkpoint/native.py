@@ -25,21 +25,9 @@ from typing import Protocol
 import attrs
 import torch
 
-from omnicore.checkpoint.commit import (
-    META,
-    TRACKER,
-    StepWriter,
-    read_tracker,
-    step_dirname,
-)
+from omnicore.checkpoint.commit import META, TRACKER, StepWriter, read_tracker, step_dirname
 from omnicore.checkpoint.hf import CheckpointError
-from omnicore.checkpoint.safetensors_io import (
-    CHUNK_BYTES,
-    SafetensorsFile,
-    SafetensorsFormatError,
-    SafetensorsWriter,
-    sha256_file,
-)
+from omnicore.checkpoint.safetensors_io import CHUNK_BYTES, SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, sha256_file
 from omnicore.config import ThinkerConfig
 from omnicore.layout import (
     TOWERS,

@@ -31,14 +31,7 @@ from omnicore.models.audio import (
 from omnicore.models.encoder_shares import media_shares
 from omnicore.models.positions import MediaQueue, packed_positions
 from omnicore.models.recompute import NO_RECOMPUTE, Recompute
-from omnicore.models.text import (
-    mrope_tables,
-    text_embed,
-    text_head,
-    text_layers,
-    text_param_shapes,
-    text_tp_plan,
-)
+from omnicore.models.text import mrope_tables, text_embed, text_head, text_layers, text_param_shapes, text_tp_plan
 from omnicore.models.vision import (
     VisionLayout,
     vision_blocks,
