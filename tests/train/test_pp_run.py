@@ -198,3 +198,18 @@ def test_lora_pp2_equals_one_process_and_continues_in_one(tiny_hf, tmp_path):
     full, ref = AdapterCheckpoint(base / "run").params(), AdapterCheckpoint(single / "run").params()
     for k, v in ref.items():
         assert (full[k] - v).abs().max() <= 0.02 * LR, k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_hetero_encoders_on_their_own_stage_equal_one_process(single, tiny_hf, tmp_path):
+    """PP 2 x LLM TP 2 with vision / audio at TP 1 (two encoder replicas on the encoder-only stage 0)."""
+    base = tmp_path / "hetero"
+    overrides = ["--parallel.tp=2", "--parallel.vit_tp=1", "--parallel.audio_tp=1", "--data.micro_batch_size=2", *ENCODERS_FIRST]
+    job = {"hf": str(tiny_hf), "base": str(base), "iters": ITERS, "overrides": overrides}
+    launch(4, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / "logs", timeout=300)
+    losses, params = single
+    assert _losses(base / "run") == pytest.approx(losses, rel=1e-6)
+    files = set(NativeCheckpoint(base / "run").meta["files"])
+    assert {"vision-tp00-pp00.safetensors", "text-tp01-pp01.safetensors"} <= files and "vision-tp01-pp00.safetensors" not in files
+    _close_weights(load_native(base / "run")[1], params)
