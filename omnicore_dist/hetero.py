@@ -16,7 +16,7 @@ layout through the same shard / unshard functions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import torch
@@ -155,23 +155,24 @@ def _runs(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> list[tuple[int
 
 
 def reshard_state(cfg: ThinkerConfig, plain: Sequence[Mapping[str, torch.Tensor]], saved: Mapping[str, int],
-                  sizes: Mapping[str, int], rank: int) -> dict[str, torch.Tensor]:  # fmt: skip
+                  sizes: Mapping[str, int], rank: int, rule: Callable[[str], object] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """This rank's optimizer state from the saved TP ranks' plain states (`plain[t]`, saved tower
     sizes `saved`): a tower saved at size S is joined from ranks 0..S-1 (replica 0's pieces) and cut
-    again for this run's size (rank % size); entries are "<moment>.<parameter name>" plus "step"."""
+    again for this run's size (rank % size); entries are "<moment>.<parameter name>" plus "step".
+    `rule` gives a name's Split (default: the model's TP plan; LoRA passes its adapters' rule)."""
     if dict(saved) == dict(sizes) and len(plain) == sizes["text"]:
         return dict(plain[rank])
     plans = tp_plans(cfg)
+    rule = rule or (lambda name: rule_for(name, plans[tower_of(name)]))
     state = {}
     for key, first in plain[0].items():
         if key == "step":
             state[key] = first
             continue
         name = key.split(".", 1)[1]
-        tower = tower_of(name)
-        rule = rule_for(name, plans[tower])
-        full = unshard_tensors([p[key] for p in plain[: saved[tower]]], rule, name)
-        state[key] = shard_tensor(full, rule, rank % sizes[tower], sizes[tower], name).contiguous()
+        tower, split = tower_of(name), rule(name)
+        full = unshard_tensors([p[key] for p in plain[: saved[tower]]], split, name)
+        state[key] = shard_tensor(full, split, rank % sizes[tower], sizes[tower], name).contiguous()
     return state
 
 

@@ -71,6 +71,11 @@ class LoraRun:
     def view(self, params: Params, *, train: bool) -> Params:
         return adapted(params, self.adapters, self.spec, train=train)
 
+    def split_rule(self, cfg: ThinkerConfig):
+        """name -> Split of an adapter tensor (or of its optimizer moments, which have its shape)."""
+        plans = tp_plans(cfg)
+        return lambda name: adapter_rule(name, plans)
+
     def meta(self) -> dict:
         return {"lora": {"spec": self.spec.to_json(), "base": self.base}}
 
@@ -142,9 +147,6 @@ def setup_lora(cfg: RunConfig, base: Path, cfg_model: ThinkerConfig, mesh: Mesh,
                 check_base(ckpt, base_path)  # raises, naming both
             if ckpt.spec != spec:
                 raise LoraError(f"lora settings differ from those {ckpt.path} was trained with: {ckpt.spec.to_json()} (run: {spec.to_json()})")
-            if ckpt.tp != mesh.tp and cfg.checkpoint.load_optim:
-                raise LoraError(f"{ckpt.path} was saved with tensor-parallel size {ckpt.tp}, this run uses {mesh.tp}: re-splitting LoRA "
-                                "optimizer state is not built; set checkpoint.load_optim = false to continue with fresh moments")  # fmt: skip
             full = ckpt.params()
         else:
             full = init_adapters(cfg_model, spec, seed=cfg.train.seed)

@@ -288,14 +288,14 @@ def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
 
 
 def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Sequence[Mapping[str, torch.Tensor]]]], cfg: ThinkerConfig, mesh: Mesh, *,
-                          saved_tp: Mapping[str, int], tower_tp: Mapping[str, int], names: set[str]) -> None:  # fmt: skip
+                          saved_tp: Mapping[str, int], tower_tp: Mapping[str, int], names: set[str], rule: Callable | None = None) -> None:  # fmt: skip
     """Load a saved optimizer state (`saved[tp rank][pipeline stage][ZeRO shard]`) into this run's
     optimizer, whatever the saved TP sizes (per tower), pipeline layout, DP size or ZeRO setting: each
     TP rank's state is made plain (ZeRO slicing is per parameter, so that is pure) and joined over the
     stages, states are re-split with the parameters' TP plan (they have the parameters' shapes), this
     stage's parameters (`names`) are kept, and ZeRO-sliced again for this rank when the run uses ZeRO."""
     plain = [_join_stages([_plain_state(shards) for shards in stages]) for stages in saved]
-    state = reshard_state(cfg, plain, saved_tp, tower_tp, mesh.tp_rank)
+    state = reshard_state(cfg, plain, saved_tp, tower_tp, mesh.tp_rank, rule)
     state = {k: v for k, v in state.items() if k == "step" or k.split(".", 1)[1] in names}
     if isinstance(optimizer, ZeroAdamW):
         optimizer.load_state_dict(*plain_to_zero(state, mesh.dp, mesh.dp_rank))
@@ -402,7 +402,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         step, consumed = resume.step, int(resume.data_state.get("consumed_samples", 0))
         if resume.optimizer is not None:
             _load_optimizer_state(optimizer, resume.optimizer, loaded.cfg, mesh, saved_tp=saved_sizes(resume_from.meta), tower_tp=tower_tp,
-                                  names=set(trainable))  # fmt: skip
+                                  names=set(trainable), rule=lora.split_rule(loaded.cfg) if lora else None)  # fmt: skip
         if resume.rng is not None:
             set_rng_state(resume.rng)
         log.message(f"resumed from {resume_from.path} at step {step}, {consumed} samples consumed"

@@ -1,13 +1,12 @@
 """A LoRA run under TP = 2 (gloo, spawned processes, timeout) equals one process: losses to 1e-6
-relative, adapters within 2 % of one Adam step; each TP rank saves its own adapter pieces, and
-the checkpoint reads back whole (and continues under TP = 1)."""
+relative, adapters within 2 % of one Adam step; each TP rank saves its own adapter pieces, and the
+checkpoint continues under TP = 1 with its optimizer moments re-joined, equal to one process."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 from dist_launch import launch
 
 from omnicore.checkpoint.lora_io import AdapterCheckpoint
@@ -24,7 +23,7 @@ def _losses(run_dir):
 
 
 @pytest.mark.timeout(300)
-def test_lora_tp2_run_equals_one_process(tiny_hf, tmp_path):
+def test_lora_tp2_run_equals_one_process_and_continues_under_tp1(tiny_hf, tmp_path):
     import train_worker
 
     single = tmp_path / "tp1"
@@ -34,18 +33,18 @@ def test_lora_tp2_run_equals_one_process(tiny_hf, tmp_path):
     want = AdapterCheckpoint(single / "run")
 
     base = tmp_path / "tp2"
-    job = {"hf": str(tiny_hf), "base": str(base), "iters": ITERS, "overrides": ["--parallel.tp=2", *LORA]}
+    job = {"hf": str(tiny_hf), "base": str(base), "iters": ITERS, "stop_after": ITERS - 1, "overrides": ["--parallel.tp=2", *LORA]}
     launch(2, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / "logs")
-    assert _losses(base / "run") == pytest.approx(_losses(single / "run"), rel=1e-6)
+    assert _losses(base / "run") == pytest.approx(_losses(single / "run")[:-1], rel=1e-6)
     got = AdapterCheckpoint(base / "run")
     assert got.tp == 2 and {"lora-tp00-pp00.safetensors", "lora-tp01-pp00.safetensors"} <= set(got.meta["files"])
-    full, ref = got.params(), want.params()
+    assert any(v.abs().max() > 0 for k, v in got.params().items() if k.endswith("lora_B"))
+
+    # The last step under TP 1, in the same folder: adapters and their Adam moments re-joined from the
+    # two TP pieces; the continuation is one process's (fresh moments would move them by far more).
+    out = run(load_run_config(base / "run.toml", LORA), base=base, samples=train_worker.samples())
+    assert out["step"] == ITERS
+    assert _losses(base / "run")[-1] == pytest.approx(_losses(single / "run")[-1], rel=1e-6)
+    full, ref = AdapterCheckpoint(base / "run").params(), want.params()
     for k, v in ref.items():
         assert (full[k] - v).abs().max() <= 0.02 * LR, k
-    assert any(v.abs().max() > 0 for k, v in full.items() if k.endswith("lora_B"))
-
-    # The TP 2 adapters continue under TP 1 (fresh moments: re-splitting optimizer state is not built).
-    (base / "run.toml").write_text(train_worker.CONFIG.format(hf=tiny_hf, iters=ITERS + 1))
-    out = run(load_run_config(base / "run.toml", [*LORA, "--checkpoint.load_optim=false"]), base=base, samples=train_worker.samples())
-    assert out["step"] == ITERS + 1
-    assert torch.isfinite(torch.tensor(_losses(base / "run"))).all()
