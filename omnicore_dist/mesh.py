@@ -20,7 +20,15 @@ import torch.distributed as dist
 
 from omnicore_dist.env import accelerator
 
-__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed", "close_distributed", "local_device", "EncoderGroups", "build_encoder_groups"]
+__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed", "close_distributed", "job_store", "local_device", "EncoderGroups",
+           "build_encoder_groups"]  # fmt: skip
+
+_JOB_STORE = None  # the rendezvous key-value store of this job (omnicore_dist.watchdog notes progress in it)
+_JOB_TIMEOUT: datetime.timedelta | None = None  # parallel.timeout_minutes, for every group (new_group's default is 30 min)
+
+
+def job_store():
+    return _JOB_STORE
 
 
 class MeshError(ValueError):
@@ -90,6 +98,8 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int]:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"omnicore/attempt-{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+        global _JOB_STORE, _JOB_TIMEOUT
+        _JOB_STORE, _JOB_TIMEOUT = store, timeout
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -99,6 +109,11 @@ def close_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _new_group(ranks: list[int]):
+    """A process group over `ranks` with the job's collective timeout."""
+    return dist.new_group(ranks, timeout=_JOB_TIMEOUT) if _JOB_TIMEOUT is not None else dist.new_group(ranks)
 
 
 def build_mesh(world: int, rank: int, *, tp: int = 1, pp: int = 1) -> Mesh:
@@ -113,7 +128,7 @@ def build_mesh(world: int, rank: int, *, tp: int = 1, pp: int = 1) -> Mesh:
         ("pp", [[p * dp * tp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)]),
     ):
         for ranks in ranks_of:
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            group = _new_group(ranks) if len(ranks) > 1 else None
             if rank in ranks:
                 groups[name] = group
     return Mesh(world=world, rank=rank, dp=dp, pp=pp, tp=tp, dp_group=groups["dp"], pp_group=groups["pp"], tp_group=groups["tp"])
@@ -150,7 +165,7 @@ def build_encoder_groups(mesh: Mesh, size: int) -> EncoderGroups:
             if not needed:  # size 1: no encoder TP group; the data-parallel group is the whole TP group
                 continue
             for ranks in ranks_of:
-                group = dist.new_group(ranks)
+                group = _new_group(ranks)
                 if mesh.rank in ranks:
                     groups[name] = group
     return attrs.evolve(mine, tp_group=groups["tp"], dp_group=groups["dp"])

@@ -53,11 +53,13 @@ from omnicore_dist.schedule import LRSchedule, lr_at
 from omnicore_dist.tp import grad_roles, norm_weights, shard_for_rank
 from omnicore_dist.train import BadStep, GradBuffer, PipelineState, TPState, part_of, pipeline_train_step, recompute_spec, train_step
 from omnicore_dist.validate import validate, validation_groups
+from omnicore_dist.watchdog import CollectiveTimeout, operation
+from omnicore_dist.watchdog import install as install_watchdog
 
 __all__ = ["run", "run_from_file", "Loaded", "load_model", "plan_lines", "memory_estimate", "RUN_ERRORS"]
 
 RUN_ERRORS = (ConfigError, ModelConfigError, CheckpointError, LayoutError, MeshError, OptimStateError, DataConfigError,
-              DataFormatError, CacheError, FileExistsError, FileNotFoundError)  # fmt: skip
+              DataFormatError, CacheError, FileExistsError, FileNotFoundError, CollectiveTimeout)  # fmt: skip
 # Parts' parameter prefixes, most specific first (the first matching rule wins).
 _PART_PATTERNS = {"vision_merger": r"^vision\.merger\.", "vision": r"^vision\.", "audio_proj": r"^audio\.proj\.", "audio": r"^audio\.", "llm": r"^(text\.|lm_head\.)"}
 
@@ -324,6 +326,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     """Train (or plan, with `dry_run`). `samples` and `val_samples` are processed samples (omnicore.data.collate's
     format) used instead of `data.config`'s; `stop_after` ends the loop early after that many steps (tests of resume)."""
     rank, world = init_distributed(cfg.parallel.timeout_minutes)
+    install_watchdog(cfg.parallel.timeout_minutes)
     # per-tower TP sizes (hetero parallel); budgeted micro-batches hold any sample count (the share rule covers them)
     tower_tp = check_hetero(cfg.parallel, None if cfg.data.micro_batch_tokens else cfg.data.micro_batch_size)
     layout = run_layout(tower_tp, cfg.parallel)
@@ -420,6 +423,10 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     bad_in_a_row, last_saved = 0, None
 
     def save(at: int) -> Path | None:
+        with operation(f"checkpoint save of step {at}"):
+            return _save(at)
+
+    def _save(at: int) -> Path | None:
         return save_training(
             SaveRequest(
                 root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=layout, params=loaded.params,
@@ -453,7 +460,8 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             started = time.perf_counter()
             micro = None
             if batches is not None:
-                fetched = next(batches)
+                with operation("data loading", step=step + 1):
+                    fetched = next(batches)
                 micro = fetched.micro_batches
                 for problem in fetched.problems:  # a corrupt cache entry repaired, an unreadable sample dropped
                     log.message(problem)
@@ -462,10 +470,12 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             lr = lr_at(schedule, optimizer.num_steps)
             common = dict(lr=lr, tp=tp_state, mesh=mesh, ops=ops, loss_reduction=cfg.train.loss_reduction, clip_grad=cfg.train.clip_grad,
                           recompute=recompute, allow_skip=allow_skip)  # fmt: skip
-            if pipe is None:
-                result = train_step(model_params, grads, optimizer, loaded.cfg, micro, **common)
-            else:
-                result = pipeline_train_step(model_params, grads, optimizer, loaded.cfg, micro, pipe=pipe, **common)
+            with operation("forward and backward (TP collectives)", step=step + 1):
+                if pipe is None:
+                    result = train_step(model_params, grads, optimizer, loaded.cfg, micro, **common)
+                else:
+                    result = pipeline_train_step(model_params, grads, optimizer, loaded.cfg, micro, pipe=pipe, **common)
+            if pipe is not None:
                 stage_times.add(result.pipeline, time.perf_counter() - started, warmup=step < cfg.log.warmup_steps)
             step += 1
             consumed += cfg.data.global_batch_size
@@ -476,12 +486,15 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
                                 skipped=not result.applied, flops=result.flops * mesh.dp, data_stats=_stat_counts(stats),
                                 peak_flops_per_device=cfg.log.peak_tflops * 1e12))  # fmt: skip
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.train_iters):
-                scored = validate(lora.view(loaded.params, train=False) if lora else loaded.params, loaded.cfg, val_source, val_groups, step=step, mesh=mesh, ops=ops,
-                                  comm=tp_state.comm if tp_state else LOCAL, stats=stats, pipe=pipe)  # fmt: skip
+                with operation("validation"):
+                    scored = validate(lora.view(loaded.params, train=False) if lora else loaded.params, loaded.cfg, val_source, val_groups, step=step, mesh=mesh, ops=ops,
+                                      comm=tp_state.comm if tp_state else LOCAL, stats=stats, pipe=pipe)  # fmt: skip
                 for problem in scored.problems:
                     log.message(problem)
                 log.validation(scored.as_event())
-            if preemption.agreed(mesh.world, device):  # SIGTERM on any rank: all stop here; the save below is this step's
+            with operation("preemption check (all-reduce)"):
+                stop = preemption.agreed(mesh.world, device)
+            if stop:  # SIGTERM on any rank: all stop here; the save below is this step's
                 preempted = True
                 log.message(f"preempted (SIGTERM) after step {step}: saving it and exiting")
                 log.event("preempted", step=step)

@@ -39,6 +39,7 @@ from omnicore_dist.mesh import Mesh
 from omnicore_dist.optim import ZeroAdamW
 from omnicore_dist.pipeline import P2P, StageExecutor, StageTrace
 from omnicore_dist.tp import GradRole, sum_partial, sum_replicated_kv
+from omnicore_dist.watchdog import operation
 
 __all__ = ["part_of", "model_flops", "GradBuffer", "StepResult", "BadStep", "TPState", "PipelineState", "global_norm", "train_step",
            "pipeline_train_step", "recompute_spec"]  # fmt: skip
@@ -269,7 +270,8 @@ def train_step(
     inputs = [mb if isinstance(mb, ThinkerInputs) else prepare_inputs(cfg, mb) for mb in micro_batches]
     totals = _counts(inputs)
     if mesh.dp > 1:
-        dist.all_reduce(totals, group=mesh.dp_group)
+        with operation("all-reduce of the step's target counts (DP)"):
+            dist.all_reduce(totals, group=mesh.dp_group)
     grads.zero()
     loss_sum = torch.zeros((), dtype=torch.float64)
     device = grads.flat.device
@@ -280,10 +282,11 @@ def train_step(
         objective.backward()
         grads.collect()
         loss_sum += objective.detach().double().cpu()
-    if mesh.dp > 1:
-        dist.all_reduce(loss_sum, group=mesh.dp_group)
-    loss = float(loss_sum)
-    norm, applied = _update(optimizer, grads, mesh, tp, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
+    with operation("gradient reduction and norm (TP / DP)"):
+        if mesh.dp > 1:
+            dist.all_reduce(loss_sum, group=mesh.dp_group)
+        loss = float(loss_sum)
+        norm, applied = _update(optimizer, grads, mesh, tp, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
     grads.release()
     t = totals.tolist()
     return StepResult(
@@ -340,9 +343,11 @@ def pipeline_train_step(
         inputs = [mb if isinstance(mb, ThinkerInputs) else prepare_inputs(cfg, mb) for mb in micro_batches]
         totals = _counts(inputs)
         if mesh.dp > 1:
-            dist.all_reduce(totals, group=mesh.dp_group)
+            with operation("all-reduce of the step's target counts (DP)"):
+                dist.all_reduce(totals, group=mesh.dp_group)
         header = torch.cat([torch.tensor([float(len(inputs))], dtype=torch.float64), totals, torch.tensor([model_flops(cfg, inputs)], dtype=torch.float64)])
-    header = p2p.broadcast_from_first(header.to(p2p.device)).cpu()
+    with operation("step header from the first pipeline stage"):
+        header = p2p.broadcast_from_first(header.to(p2p.device)).cpu()
     micro, totals = int(header[0]), header[1:8]
     comm = tp.comm if tp else LOCAL
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -362,11 +367,13 @@ def pipeline_train_step(
         return objective
 
     grads.zero()
-    trace = StageExecutor(p2p, forward, after_backward=grads.collect).run(pipe.schedule, micro)
-    if last and mesh.dp > 1:
-        dist.all_reduce(loss_sum, group=mesh.dp_group)
-    loss = float(p2p.broadcast_from_last(loss_sum.to(p2p.device)))
-    norm, applied = _update(optimizer, grads, mesh, tp, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
+    with operation(f"pipeline schedule ({pipe.schedule}: stage {p2p.stage} exchanging with its neighbours)"):
+        trace = StageExecutor(p2p, forward, after_backward=grads.collect).run(pipe.schedule, micro)
+    with operation("gradient reduction and norm (TP / DP / PP)"):
+        if last and mesh.dp > 1:
+            dist.all_reduce(loss_sum, group=mesh.dp_group)
+        loss = float(p2p.broadcast_from_last(loss_sum.to(p2p.device)))
+        norm, applied = _update(optimizer, grads, mesh, tp, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
     grads.release()
     t = totals.tolist()
     return StepResult(
