@@ -82,27 +82,28 @@ class P2P:
         if None in (p for p, _ in sends) or None in recvs:
             raise RuntimeError(f"pipeline stage {self.stage} has no neighbour in that direction")
         heads = {peer: torch.empty(_HEADER, dtype=torch.int64, device=self.device) for peer in recvs}
-        self._wait([dist.isend(_header(p, self.device), peer, group=self.group) for peer, p in sends]
-                   + [dist.irecv(heads[peer], peer, group=self.group) for peer in recvs])  # fmt: skip
+        self._run([(dist.isend, _header(p, self.device), peer) for peer, p in sends] + [(dist.irecv, heads[peer], peer) for peer in recvs])
         got: dict[int, dict[str, torch.Tensor]] = {}
-        works = []
+        ops = []
         for peer in recvs:
             got[peer] = {}
             for name, dtype, grad, shape in _parse(heads[peer]):
                 t = torch.empty(shape, dtype=dtype, device=self.device)
                 got[peer][name] = t
                 if t.numel():
-                    works.append(dist.irecv(t, peer, group=self.group))
+                    ops.append((dist.irecv, t, peer))
                 t.requires_grad_(grad)
         for peer, payload in sends:
-            works += [dist.isend(t.detach().contiguous(), peer, group=self.group) for t in payload.values() if t.numel()]
-        self._wait(works)
+            ops += [(dist.isend, t.detach().contiguous(), peer) for t in payload.values() if t.numel()]
+        self._run(ops)
         return (got.get(self.prev) if from_prev else None), (got.get(self.next) if from_next else None)
 
-    @staticmethod
-    def _wait(works) -> None:
-        for w in works:
-            w.wait()
+    def _run(self, ops: list) -> None:
+        """Post every (isend / irecv, tensor, peer) together and wait for all: one batch, so NCCL /
+        HCCL run a stage's send and receive with the same neighbour concurrently instead of in order."""
+        if ops:
+            for work in dist.batch_isend_irecv([dist.P2POp(op, t, peer, group=self.group) for op, t, peer in ops]):
+                work.wait()
 
     def broadcast_from_first(self, t: torch.Tensor) -> torch.Tensor:
         dist.broadcast(t, self.first_rank, group=self.group)
