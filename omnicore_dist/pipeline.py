@@ -17,16 +17,17 @@ Stage outputs are freed right after they are sent (only their autograd history i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import torch
 import torch.distributed as dist
 from torch.autograd.variable import Variable
 
+from omnicore.layout import Stage
 from omnicore_dist.mesh import Mesh
 
-__all__ = ["PAYLOAD_NAMES", "P2P", "schedule_events", "StageExecutor", "StageTrace", "SCHEDULES"]
+__all__ = ["PAYLOAD_NAMES", "P2P", "schedule_events", "StageExecutor", "StageTrace", "SCHEDULES", "stage_lines", "StageTimes", "log_stage_times"]
 
 SCHEDULES = ("1f1b", "gpipe")
 _MEDIA_KINDS = ("audio", "image", "video")
@@ -262,3 +263,62 @@ class StageExecutor:
 def _free_all(payload: Mapping[str, torch.Tensor]) -> None:
     for t in payload.values():
         _free(t)
+
+
+def stage_lines(stages: Sequence[Stage], schedule: str) -> list[str]:
+    """One line per pipeline stage: what it holds (global layer indices, inclusive)."""
+    def span(r: range) -> str:
+        return f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start)
+
+    lines = [f"pipeline: {len(stages)} stages, {schedule} schedule"]
+    for st in stages:
+        parts = [f"{label} {span(r)}" for label, r in (("vision blocks", st.vision_blocks), ("audio layers", st.audio_layers)) if r]
+        parts += ["merge + token embedding"] if st.text_embed else []
+        parts += [f"LLM layers {span(st.text_layers)}"] if st.text_layers else []
+        parts += ["final norm + lm_head"] if st.text_head else []
+        lines.append(f"  stage {st.index}: " + ", ".join(parts))
+    return lines
+
+
+@attrs.define
+class StageTimes:
+    """This pipeline stage's time over the run's measured steps (after the log's warm-up steps)."""
+
+    steps: int = 0
+    micro_batches: int = 0
+    step_seconds: float = 0.0
+    busy_seconds: float = 0.0  # forward and backward work
+    schedule_seconds: float = 0.0  # the schedule from first receive to last send
+
+    def add(self, trace, step_seconds: float, *, warmup: bool) -> None:
+        if warmup:
+            return
+        self.steps += 1
+        self.micro_batches += sum(1 for kind, _ in trace.events if kind == "F")
+        self.step_seconds += step_seconds
+        self.busy_seconds += trace.busy_seconds
+        self.schedule_seconds += trace.total_seconds
+
+    def summary(self, stage: int) -> dict:
+        n = max(self.steps, 1)
+        bubble = 1.0 - self.busy_seconds / self.schedule_seconds if self.schedule_seconds > 0 else 0.0
+        return {"stage": stage, "steps": self.steps, "micro_batches": self.micro_batches / n, "step_seconds": self.step_seconds / n,
+                "busy_seconds": self.busy_seconds / n, "bubble": max(0.0, bubble)}  # fmt: skip
+
+
+def log_stage_times(times: StageTimes, mesh: Mesh, log, schedule: str) -> None:
+    """Collective: every stage's step time and bubble fraction (idle share of its schedule), logged
+    once by the main rank with the analytic 1F1B / GPipe bubble (p - 1) / (m + p - 1)."""
+    everyone: list = [None] * mesh.world
+    dist.all_gather_object(everyone, (mesh.dp_rank, mesh.tp_rank, times.summary(mesh.pp_rank)))
+    if not mesh.is_main:
+        return
+    stages = sorted((s for dp, tp, s in everyone if dp == 0 and tp == 0), key=lambda s: s["stage"])
+    if not stages[0]["steps"]:
+        return
+    m, p = stages[0]["micro_batches"], mesh.pp
+    analytic = (p - 1) / (m + p - 1)
+    log.message(f"pipeline ({schedule}, {p} stages, {m:g} micro-batches per step, {stages[0]['steps']} steps measured): "
+                + "; ".join(f"stage {s['stage']} {s['step_seconds']:.3f} s/step, bubble {100 * s['bubble']:.1f} %" for s in stages)
+                + f"; analytic bubble {100 * analytic:.1f} %")  # fmt: skip
+    log.event("pipeline", schedule=schedule, stages=stages, analytic_bubble=analytic)

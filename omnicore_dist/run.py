@@ -47,7 +47,7 @@ from omnicore_dist.lora import continue_lora_run, lora_grad_roles, setup_lora
 from omnicore_dist.mesh import Mesh, MeshError, build_mesh, close_distributed, init_distributed, local_device
 from omnicore_dist.metrics import RunLog, StepRecord
 from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero, zero_to_plain
-from omnicore_dist.pipeline import P2P
+from omnicore_dist.pipeline import P2P, StageTimes, log_stage_times, stage_lines
 from omnicore_dist.preempt import Preemption
 from omnicore_dist.schedule import LRSchedule, lr_at
 from omnicore_dist.tp import grad_roles, norm_weights, shard_for_rank
@@ -214,21 +214,6 @@ def _rss() -> int:
     text = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
     m = re.search(r"VmRSS:\s+(\d+)", text)
     return int(m.group(1)) * 1024 if m else 0
-
-
-def stage_lines(stages: Sequence[Stage], schedule: str) -> list[str]:
-    """One line per pipeline stage: what it holds (global layer indices, inclusive)."""
-    def span(r: range) -> str:
-        return f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start)
-
-    lines = [f"pipeline: {len(stages)} stages, {schedule} schedule"]
-    for st in stages:
-        parts = [f"{label} {span(r)}" for label, r in (("vision blocks", st.vision_blocks), ("audio layers", st.audio_layers)) if r]
-        parts += ["merge + token embedding"] if st.text_embed else []
-        parts += [f"LLM layers {span(st.text_layers)}"] if st.text_layers else []
-        parts += ["final norm + lm_head"] if st.text_head else []
-        lines.append(f"  stage {st.index}: " + ", ".join(parts))
-    return lines
 
 
 def plan_lines(cfg: RunConfig, loaded: Loaded, mesh: Mesh, trainable: set[str], sample: Mapping | None, decode: Callable | None,
@@ -512,7 +497,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             batches.close()  # stops the loader's worker processes
         preemption.close()
     if pipe is not None:
-        _log_pipeline(stage_times, mesh, log, pipe.schedule)
+        log_stage_times(stage_times, mesh, log, pipe.schedule)
     summary = log.summary()
     if lora is not None and not preempted:  # PEFT folder and / or the base with the adapters merged
         lora.export(cfg, base, loaded, mesh, log)
@@ -523,50 +508,6 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         log.message(f"exported the final model to {out}")
     log.close()
     return summary | {"run_dir": str(run_dir), "step": step, "preempted": preempted}
-
-
-@attrs.define
-class StageTimes:
-    """This pipeline stage's time over the run's measured steps (after the log's warm-up steps)."""
-
-    steps: int = 0
-    micro_batches: int = 0
-    step_seconds: float = 0.0
-    busy_seconds: float = 0.0  # forward and backward work
-    schedule_seconds: float = 0.0  # the schedule from first receive to last send
-
-    def add(self, trace, step_seconds: float, *, warmup: bool) -> None:
-        if warmup:
-            return
-        self.steps += 1
-        self.micro_batches += sum(1 for kind, _ in trace.events if kind == "F")
-        self.step_seconds += step_seconds
-        self.busy_seconds += trace.busy_seconds
-        self.schedule_seconds += trace.total_seconds
-
-    def summary(self, stage: int) -> dict:
-        n = max(self.steps, 1)
-        bubble = 1.0 - self.busy_seconds / self.schedule_seconds if self.schedule_seconds > 0 else 0.0
-        return {"stage": stage, "steps": self.steps, "micro_batches": self.micro_batches / n, "step_seconds": self.step_seconds / n,
-                "busy_seconds": self.busy_seconds / n, "bubble": max(0.0, bubble)}  # fmt: skip
-
-
-def _log_pipeline(times: StageTimes, mesh: Mesh, log: RunLog, schedule: str) -> None:
-    """Collective: every stage's step time and bubble fraction (idle share of its schedule), logged
-    once by the main rank with the analytic 1F1B / GPipe bubble (p - 1) / (m + p - 1)."""
-    everyone: list = [None] * mesh.world
-    dist.all_gather_object(everyone, (mesh.dp_rank, mesh.tp_rank, times.summary(mesh.pp_rank)))
-    if not mesh.is_main:
-        return
-    stages = sorted((s for dp, tp, s in everyone if dp == 0 and tp == 0), key=lambda s: s["stage"])
-    if not stages[0]["steps"]:
-        return
-    m, p = stages[0]["micro_batches"], mesh.pp
-    analytic = (p - 1) / (m + p - 1)
-    log.message(f"pipeline ({schedule}, {p} stages, {m:g} micro-batches per step, {stages[0]['steps']} steps measured): "
-                + "; ".join(f"stage {s['stage']} {s['step_seconds']:.3f} s/step, bubble {100 * s['bubble']:.1f} %" for s in stages)
-                + f"; analytic bubble {100 * analytic:.1f} %")  # fmt: skip
-    log.event("pipeline", schedule=schedule, stages=stages, analytic_bubble=analytic)
 
 
 def _stat_counts(stats: DataStats) -> dict[str, int]:

@@ -20,7 +20,8 @@ from omnicore.checkpoint.native import NativeCheckpoint, load_native
 from omnicore.layout import Layout, LayoutError
 from omnicore.models.thinker import tower_depths
 from omnicore_dist.config import ConfigError, load_run_config
-from omnicore_dist.run import run, stage_lines
+from omnicore_dist.pipeline import stage_lines
+from omnicore_dist.run import run
 
 ITERS = 3
 LR = 2e-3  # train_worker.CONFIG's
