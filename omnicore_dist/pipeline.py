@@ -145,7 +145,8 @@ class StageTrace:
 
 def _free(t: torch.Tensor) -> None:
     """Drop a sent output's storage but keep its autograd history (Megatron's trick): backward
-    needs only the graph, and this stage never reads the values again."""
+    needs only the graph, and this stage never reads the values again. (A saved-tensor hook that
+    keeps the very object it is given would see the freed storage: such hooks must store a detach.)"""
     if t.grad_fn is not None and t._base is None:
         t.data = torch.empty((1,), dtype=t.dtype, device=t.device)
 
@@ -301,14 +302,15 @@ class StageTimes:
 
     def summary(self, stage: int) -> dict:
         n = max(self.steps, 1)
-        bubble = 1.0 - self.busy_seconds / self.schedule_seconds if self.schedule_seconds > 0 else 0.0
         return {"stage": stage, "steps": self.steps, "micro_batches": self.micro_batches / n, "step_seconds": self.step_seconds / n,
-                "busy_seconds": self.busy_seconds / n, "bubble": max(0.0, bubble)}  # fmt: skip
+                "busy_seconds": self.busy_seconds / n, "schedule_seconds": self.schedule_seconds / n}  # fmt: skip
 
 
 def log_stage_times(times: StageTimes, mesh: Mesh, log, schedule: str) -> None:
-    """Collective: every stage's step time and bubble fraction (idle share of its schedule), logged
-    once by the main rank with the analytic 1F1B / GPipe bubble (p - 1) / (m + p - 1)."""
+    """Collective: every stage's step time and bubble fraction, logged once by the main rank with the
+    analytic 1F1B / GPipe bubble (p - 1) / (m + p - 1). A stage's bubble is its idle share of the
+    pipeline's schedule, the longest stage's (every stage starts together on the step's header; the
+    first stage ends last, with its final backward), so later stages are not flattered by ending early."""
     everyone: list = [None] * mesh.world
     dist.all_gather_object(everyone, (mesh.dp_rank, mesh.tp_rank, times.summary(mesh.pp_rank)))
     if not mesh.is_main:
@@ -316,6 +318,9 @@ def log_stage_times(times: StageTimes, mesh: Mesh, log, schedule: str) -> None:
     stages = sorted((s for dp, tp, s in everyone if dp == 0 and tp == 0), key=lambda s: s["stage"])
     if not stages[0]["steps"]:
         return
+    makespan = max(s["schedule_seconds"] for s in stages)
+    for s in stages:
+        s["bubble"] = max(0.0, 1.0 - s["busy_seconds"] / makespan) if makespan > 0 else 0.0
     m, p = stages[0]["micro_batches"], mesh.pp
     analytic = (p - 1) / (m + p - 1)
     log.message(f"pipeline ({schedule}, {p} stages, {m:g} micro-batches per step, {stages[0]['steps']} steps measured): "
