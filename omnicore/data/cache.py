@@ -73,6 +73,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 MANIFEST = "manifest.json"
 MAX_OPEN_SHARDS = 64  # per process: a large cache must not exhaust the descriptor limit (often 1024)
 BUILD_LOG = "builds.log"
+DECODE_TIMEOUT = 300.0  # seconds one sample may take to decode in a worker process before it is dropped as bad
 _HASH_CHUNK = 1 << 20
 # The code that turns a record into a sample: its source is part of the key, so an edit to it misses
 # existing caches even before anyone bumps the version (a development checkout changes it daily).
@@ -478,18 +479,18 @@ def _log(cache_dir: Path, line: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()} {line}\n")
 
 
-def _build(folder: Path, key: CacheKey, convs: Sequence[Conversation], ctx: SampleContext, *, workers: int,
-           on_bad_sample: str, progress: bool, token: str | None, shard_bytes: int, shard_samples: int) -> None:  # fmt: skip
+def _build(folder: Path, key: CacheKey, convs: Sequence[Conversation], ctx: SampleContext, *, workers: int, on_bad_sample: str,
+           progress: bool, token: str | None, shard_bytes: int, shard_samples: int, decode_timeout: float | None = None) -> None:  # fmt: skip
     """Process every conversation into `folder` (shards, then the manifest, last)."""
     started = time.time()
     stats, entries = DataStats(), []
     bar = tqdm(total=len(convs), desc="building the data cache", unit="sample", disable=None if progress else True, file=sys.stderr)
     with _ShardWriter(folder, shard_bytes, shard_samples) as writer, bar:
-        for index, outcome in enumerate(worker_map(_ProcessTask(convs, ctx), range(len(convs)), workers=workers)):
+        for index, outcome in enumerate(worker_map(_ProcessTask(convs, ctx), range(len(convs)), workers=workers, timeout=decode_timeout)):
             bar.update()
-            if isinstance(outcome, WorkerDied):  # a decoder crashed its process twice on this record's media
+            if isinstance(outcome, WorkerDied):  # a decoder crashed or hung its process twice on this record's media
                 conv = convs[index]
-                outcome = ("bad", BadSample(Problem.MEDIA, "its worker process died while decoding it", conv.where, conv.id), None)
+                outcome = ("bad", BadSample(Problem.MEDIA, f"{outcome.reason} while decoding it", conv.where, conv.id), None)
             kind, value, meta = outcome
             if kind == "bad":
                 if on_bad_sample == "error":
@@ -542,12 +543,14 @@ def _existing(final: Path, key: str) -> tuple[SampleCache | None, str]:
 
 def open_cache(cache_dir: str | os.PathLike, convs: Sequence[Conversation], ctx: SampleContext, *,
                tokenizer_dir: str | os.PathLike, overwrite: bool = False, build_token: str | None = None,
-               workers: int = 0, on_bad_sample: str = "skip", progress: bool = True,
+               workers: int = 0, on_bad_sample: str = "skip", progress: bool = True, decode_timeout: float | None = DECODE_TIMEOUT,
                shard_bytes: int = 64 << 20, shard_samples: int = 256) -> SampleCache:  # fmt: skip
     """The cache of `convs` under `ctx` in `cache_dir`: found, or built here (one builder per key).
 
     Several processes may call this at once: one builds (with `workers` processes, 0 = in this one)
-    while the others wait on the key's lock, then all read the same folder. `overwrite` rebuilds,
+    while the others wait on the key's lock, then all read the same folder. With workers, a sample
+    whose decoding crashes its process or takes longer than `decode_timeout` seconds is a bad sample
+    (the process is replaced), never a crashed or hung build. `overwrite` rebuilds,
     except a cache built with the same non-None `build_token` (the ranks of one run share a token, so
     the cache is rebuilt once per run, not once per rank). Bad samples are dropped and counted in
     `SampleCache.stats` (kept in the manifest, so a hit reports the same counts), or raised with
@@ -577,7 +580,7 @@ def open_cache(cache_dir: str | os.PathLike, convs: Sequence[Conversation], ctx:
         tmp.mkdir()
         _log(cache_dir, f"build {key.digest} start ({why}): {len(convs)} conversations")
         try:
-            _build(tmp, key, convs, ctx, workers=workers, on_bad_sample=on_bad_sample, progress=progress,
+            _build(tmp, key, convs, ctx, workers=workers, on_bad_sample=on_bad_sample, progress=progress, decode_timeout=decode_timeout,
                    token=build_token, shard_bytes=shard_bytes, shard_samples=shard_samples)  # fmt: skip
             old = cache_dir / f".old-{key.digest}-{os.getpid()}"
             if final.exists():
