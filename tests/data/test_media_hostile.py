@@ -137,3 +137,46 @@ def test_fuzzed_bytes_raise_only_media_errors(kind):
             assert e.reason in Reason and e.name == "<bytes>"
 
     run()
+
+
+_BOMBS = r"""
+import resource, struct, sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from media_samples import audio_bytes, png_header
+from omnicore.data import MediaError, MediaLimits, decode_audio, decode_image
+
+def wav_claiming(hours, actual):  # a RIFF header whose sizes claim `hours` of 48 kHz stereo, then `actual` bytes
+    size = int(hours * 3600 * 48000 * 4)
+    fmt = struct.pack("<HHIIHH", 1, 2, 48000, 48000 * 4, 4, 16)
+    return b"RIFF" + struct.pack("<I", min(size + 36, 2**32 - 1)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", min(size, 2**32 - 1)) + actual
+
+long = audio_bytes(np.zeros((20 * 60 * 16000, 1), np.float32), 16000)  # 20 minutes of real samples
+cases = [("png 20000 x 20000", decode_image, png_header(20000, 20000), None),
+         ("wav claiming 3 h", decode_audio, wav_claiming(3, bytes(48000 * 4)), None),
+         ("wav of 20 min, limit 10 min", decode_audio, long, MediaLimits(max_audio_seconds=600))]
+for name, decode, data, limits in cases:
+    try:
+        out = decode(data, limits=limits) if limits else decode(data)
+        print(name, "decoded", getattr(out, "shape", None) or getattr(out, "size", None))
+    except MediaError as err:
+        print(name, "refused", err.reason.value)
+print("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_files_claiming_huge_sizes_are_refused_or_cut_without_the_memory(tmp_path):
+    """Headers that claim a 20000 x 20000 image or hours of audio, and a real 20-minute clip over a
+    10-minute limit: refused (or read only as far as the bytes go) with peak RSS under 1.5 GB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    out = subprocess.run([sys.executable, "-c", _BOMBS, here], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.rsplit(" ", 1) if line.startswith("peak_rss") else (line, "") for line in out.stdout.splitlines())
+    assert "png 20000 x 20000 refused too large" in lines, out.stdout
+    assert "wav of 20 min, limit 10 min refused too large" in lines, out.stdout
+    assert any(k.startswith("wav claiming 3 h ") for k in lines), out.stdout  # decoded what is there, or refused
+    assert int(lines["peak_rss"]) < 1.5 * 2**30
