@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omnicore.checkpoint.safetensors_io import sha256_file
 
-__all__ = ["TRACKER", "META", "step_dirname", "StepWriter", "write_durably", "fsync_dir", "read_tracker"]
+__all__ = ["TRACKER", "META", "step_dirname", "StepWriter", "write_durably", "fsync_dir", "read_tracker", "tidy", "set_aside"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "meta.json"
@@ -52,6 +52,32 @@ def read_tracker(root: Path) -> str | None:
     return tracker.read_text().strip() if tracker.exists() else None
 
 
+def set_aside(root: Path, name: str) -> Path:
+    """Where an overwritten step folder waits while its replacement is renamed in."""
+    return root / f".old-{name}"
+
+
+def tidy(root: Path) -> None:
+    """Finish or discard what an interrupted save left in `root` (one writer per root at a time).
+
+    A kill between an overwrite's two renames leaves the tracked folder set aside: it is moved back
+    (the previous checkpoint stays the latest). Set-aside copies of folders that were replaced, the
+    temporary folders of interrupted saves and a tracker's temporary file are deleted."""
+    tracked = read_tracker(root)
+    tracked_name = "release" if tracked == "release" else step_dirname(int(tracked)) if tracked and tracked.isdigit() else None
+    for old in root.glob(".old-*"):
+        name = old.name[len(".old-") :]
+        if name == tracked_name and not (root / name).exists() and (old / META).exists():
+            os.rename(old, root / name)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in root.glob(f".{TRACKER}.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    fsync_dir(root)
+
+
 class StepWriter:
     """Build one step folder under `root` and commit it.
 
@@ -70,10 +96,8 @@ class StepWriter:
         if (self.final / META).exists() and not overwrite:
             raise FileExistsError(f"{self.final} already holds a checkpoint; pass --overwrite to replace it")
         self.root.mkdir(parents=True, exist_ok=True)
-        # One writer per step: a leftover of an interrupted save of this step is discarded.
+        tidy(self.root)  # one writer per root: what interrupted saves left is repaired or discarded first
         self.path = self.root / f".tmp-{self.name}"
-        if self.path.exists():
-            shutil.rmtree(self.path)
         self.path.mkdir()
         self.files: dict[str, dict[str, object]] = {}
         self.committed = False
@@ -105,9 +129,7 @@ class StepWriter:
         fsync_dir(self.path)
         old = None
         if self.final.exists():  # --overwrite: move the old one aside first, delete it after
-            old = self.root / f".old-{self.name}"
-            if old.exists():
-                shutil.rmtree(old)
+            old = set_aside(self.root, self.name)
             os.rename(self.final, old)
         os.rename(self.path, self.final)
         fsync_dir(self.root)

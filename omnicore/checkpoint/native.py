@@ -25,7 +25,7 @@ from typing import Protocol
 import attrs
 import torch
 
-from omnicore.checkpoint.commit import META, TRACKER, StepWriter, read_tracker, step_dirname
+from omnicore.checkpoint.commit import META, TRACKER, StepWriter, read_tracker, set_aside, step_dirname
 from omnicore.checkpoint.hf import CheckpointError
 from omnicore.checkpoint.safetensors_io import CHUNK_BYTES, SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, sha256_file
 from omnicore.config import ThinkerConfig
@@ -247,12 +247,12 @@ def resolve_step(root: str | Path, iteration: int | None = None) -> Path:
     tracked = read_tracker(root)
     if tracked is None:
         raise CheckpointError(f"{root}: no {TRACKER} and no {META}: not a native checkpoint")
-    if tracked == "release":
-        return root / "release"
     try:
-        step = root / step_dirname(int(tracked))
+        step = root / ("release" if tracked == "release" else step_dirname(int(tracked)))
     except ValueError:
         raise CheckpointError(f"{root / TRACKER}: expected 'release' or an iteration number, found {tracked!r}") from None
+    if not step.exists() and (set_aside(root, step.name) / META).exists():
+        return set_aside(root, step.name)  # a kill while that step was being overwritten: it waits aside, whole
     if not step.exists():
         present = sorted(p.name for p in root.glob("iter_*") if (p / META).exists())
         raise CheckpointError(f"{root / TRACKER} names iteration {tracked}, but {step.name} does not exist (a damaged or edited "

@@ -13,6 +13,7 @@ Exceptions `task` raises propagate.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -49,6 +50,8 @@ class WorkerDied:
 
 def _pool(workers: int, task: Callable[[Any], Any]) -> ProcessPoolExecutor:
     # fork: the task (the cache's open files, conversations, tokenizer) reaches workers without pickling.
+    # The tokenizer's thread pool does not survive a fork; say so up front instead of a warning per worker.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     context = multiprocessing.get_context("fork")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(task,))
 
