@@ -140,18 +140,31 @@ def test_fuzzed_bytes_raise_only_media_errors(kind):
 
 
 _BOMBS = r"""
-import resource, struct, sys, numpy as np
+import io, resource, struct, sys, av, numpy as np
+from fractions import Fraction
 sys.path.insert(0, sys.argv[1])
 from media_samples import audio_bytes, png_header
-from omnicore.data import MediaError, MediaLimits, decode_audio, decode_image
+from omnicore.data import MediaError, MediaLimits, ProcessorConfig, decode_audio, decode_image, decode_video
 
 def wav_claiming(hours, actual):  # a RIFF header whose sizes claim `hours` of 48 kHz stereo, then `actual` bytes
     size = int(hours * 3600 * 48000 * 4)
     fmt = struct.pack("<HHIIHH", 1, 2, 48000, 48000 * 4, 4, 16)
     return b"RIFF" + struct.pack("<I", min(size + 36, 2**32 - 1)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", min(size, 2**32 - 1)) + actual
 
+def video_claiming(hours):  # three 64 x 64 frames, the last stamped `hours` in: the container says that long
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        for k, pts in enumerate([0, 1, int(hours * 3600 * 10)]):
+            f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 40 * k, np.uint8), format="rgb24")
+            f.pts, f.time_base = pts, Fraction(1, 10)
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    return buf.getvalue()
+
 long = audio_bytes(np.zeros((20 * 60 * 16000, 1), np.float32), 16000)  # 20 minutes of real samples
-cases = [("png 20000 x 20000", decode_image, png_header(20000, 20000), None),
+cases = [("mp4 claiming 3 h", lambda data: decode_video(data, ProcessorConfig()).frames, video_claiming(3), None),("png 20000 x 20000", decode_image, png_header(20000, 20000), None),
          ("wav claiming 3 h", decode_audio, wav_claiming(3, bytes(48000 * 4)), None),
          ("wav of 20 min, limit 10 min", decode_audio, long, MediaLimits(max_audio_seconds=600))]
 for name, decode, data, limits in cases:
@@ -166,8 +179,8 @@ print("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 @pytest.mark.timeout(120)
 def test_files_claiming_huge_sizes_are_refused_or_cut_without_the_memory(tmp_path):
-    """Headers that claim a 20000 x 20000 image or hours of audio, and a real 20-minute clip over a
-    10-minute limit: refused (or read only as far as the bytes go) with peak RSS under 1.5 GB."""
+    """Headers that claim a 20000 x 20000 image or hours of audio or video, and a real 20-minute clip
+    over a 10-minute limit: refused (or read only as far as the bytes go) with peak RSS under 1.5 GB."""
     import subprocess
     import sys
     from pathlib import Path
@@ -179,4 +192,5 @@ def test_files_claiming_huge_sizes_are_refused_or_cut_without_the_memory(tmp_pat
     assert "png 20000 x 20000 refused too large" in lines, out.stdout
     assert "wav of 20 min, limit 10 min refused too large" in lines, out.stdout
     assert any(k.startswith("wav claiming 3 h ") for k in lines), out.stdout  # decoded what is there, or refused
+    assert any(k.startswith("mp4 claiming 3 h decoded") for k in lines), out.stdout  # the frames that exist, sampled
     assert int(lines["peak_rss"]) < 1.5 * 2**30
