@@ -163,6 +163,7 @@ def video_claiming(hours):  # three 64 x 64 frames, the last stamped `hours` in:
         c.mux(s.encode())
     return buf.getvalue()
 
+print("baseline", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # interpreter, torch, decoders imported
 long = audio_bytes(np.zeros((20 * 60 * 16000, 1), np.float32), 16000)  # 20 minutes of real samples
 cases = [("mp4 claiming 3 h", lambda data: decode_video(data, ProcessorConfig()).frames, video_claiming(3), None),("png 20000 x 20000", decode_image, png_header(20000, 20000), None),
          ("wav claiming 3 h", decode_audio, wav_claiming(3, bytes(48000 * 4)), None),
@@ -180,7 +181,8 @@ print("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 @pytest.mark.timeout(120)
 def test_files_claiming_huge_sizes_are_refused_or_cut_without_the_memory(tmp_path):
     """Headers that claim a 20000 x 20000 image or hours of audio or video, and a real 20-minute clip
-    over a 10-minute limit: refused (or read only as far as the bytes go) with peak RSS under 1.5 GB."""
+    over a 10-minute limit: refused (or read only as far as the bytes go), the peak RSS growing by less
+    than 0.5 GB over the process's baseline (interpreter and torch: about 0.9 GB)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -188,9 +190,12 @@ def test_files_claiming_huge_sizes_are_refused_or_cut_without_the_memory(tmp_pat
     here = str(Path(__file__).resolve().parent)
     out = subprocess.run([sys.executable, "-c", _BOMBS, here], capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = dict(line.rsplit(" ", 1) if line.startswith("peak_rss") else (line, "") for line in out.stdout.splitlines())
+    lines = dict(line.rsplit(" ", 1) if line.startswith(("peak_rss", "baseline")) else (line, "") for line in out.stdout.splitlines())
     assert "png 20000 x 20000 refused too large" in lines, out.stdout
     assert "wav of 20 min, limit 10 min refused too large" in lines, out.stdout
     assert any(k.startswith("wav claiming 3 h ") for k in lines), out.stdout  # decoded what is there, or refused
     assert any(k.startswith("mp4 claiming 3 h decoded") for k in lines), out.stdout  # the frames that exist, sampled
-    assert int(lines["peak_rss"]) < 1.5 * 2**30
+    # The bound is on what the files cost: the process's own baseline (0.8-0.9 GB with torch imported,
+    # more on a busy machine) is not theirs. Peak RSS over that baseline, inputs included:
+    grown = int(lines["peak_rss"]) - int(lines["baseline"])
+    assert grown < 0.5 * 2**30, (grown, lines)
