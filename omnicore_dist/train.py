@@ -288,7 +288,11 @@ def train_step(
         loss = float(loss_sum)
         norm, applied = _update(optimizer, grads, mesh, tp, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
     grads.release()
-    t = totals.tolist()
+    return _result(totals, loss, norm, applied, model_flops(cfg, inputs))
+
+
+def _result(totals: torch.Tensor, loss: float, norm: float, applied: bool, flops: float, pipeline: StageTrace | None = None) -> StepResult:
+    t = totals.tolist()  # _counts' order
     return StepResult(
         loss=loss,
         grad_norm=norm,
@@ -297,7 +301,8 @@ def train_step(
         samples=int(t[2]),
         modality_tokens={"text": int(t[3] - t[4] - t[5] - t[6]), "image": int(t[4]), "video": int(t[5]), "audio": int(t[6])},
         applied=applied,
-        flops=model_flops(cfg, inputs),
+        flops=flops,
+        pipeline=pipeline,
     )
 
 
@@ -308,6 +313,21 @@ class PipelineState:
     stage: Stage
     p2p: P2P
     schedule: str = "1f1b"
+
+    @property
+    def last(self) -> bool:
+        return self.p2p.stage == self.p2p.stages - 1
+
+    def forward(self, params: Params, cfg: ThinkerConfig, inputs: Sequence[ThinkerInputs], i: int, payload: Mapping[str, torch.Tensor], *,
+                ops: Ops, comm, recompute: Recompute = Recompute()) -> tuple[ThinkerInputs, dict[str, torch.Tensor]]:  # fmt: skip
+        """Micro-batch i through this stage: its inputs (the first stage's own `inputs[i]`, else rebuilt
+        from the payload's metadata) and the stage's outputs, plus that metadata unless this is the last."""
+        first = self.p2p.stage == 0
+        meta = {k: v for k, v in payload.items() if not v.is_floating_point()}
+        inp = inputs[i] if first else inputs_from_meta(cfg, meta)
+        carry = {k: v for k, v in payload.items() if v.is_floating_point()}
+        out = stage_forward(params, cfg, self.stage, inp, carry, ops=ops, comm=comm, recompute=recompute)
+        return inp, out if self.last else out | (inputs_meta(inp) if first else meta)
 
 
 def pipeline_train_step(
@@ -335,8 +355,7 @@ def pipeline_train_step(
     pipeline, so the last stage scales each micro-batch's loss by the global denominator. Each
     micro-batch's payload carries the inputs' metadata with the activations; the loss comes back from
     the last stage, and the gradient norm sums over the stages."""
-    p2p, stage = pipe.p2p, pipe.stage
-    first, last = p2p.stage == 0, p2p.stage == p2p.stages - 1
+    p2p, first, last = pipe.p2p, pipe.p2p.stage == 0, pipe.last
     inputs: list[ThinkerInputs] = []
     header = torch.zeros(9, dtype=torch.float64)  # micro-batches, the 7 counts, model FLOPs
     if first:
@@ -354,13 +373,10 @@ def pipeline_train_step(
 
     def forward(i: int, payload: dict) -> dict | torch.Tensor:
         nonlocal loss_sum
-        meta = {k: v for k, v in payload.items() if not v.is_floating_point()}
-        inp = inputs[i] if first else inputs_from_meta(cfg, meta)
-        carry = {k: v for k, v in payload.items() if v.is_floating_point()}
         with torch.autocast(p2p.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            out = stage_forward(params, cfg, stage, inp, carry, ops=ops, comm=comm, recompute=recompute)
+            inp, out = pipe.forward(params, cfg, inputs, i, payload, ops=ops, comm=comm, recompute=recompute)
             if not last:
-                return out | (inputs_meta(inp) if first else meta)
+                return out
             losses, sample_ids = head_token_losses(params, cfg, inp, out["hidden"], ops=ops, comm=comm)
         objective = _objective(losses, sample_ids, loss_reduction, totals)
         loss_sum += objective.detach().double().cpu()
@@ -375,15 +391,4 @@ def pipeline_train_step(
         loss = float(p2p.broadcast_from_last(loss_sum.to(p2p.device)))
         norm, applied = _update(optimizer, grads, mesh, tp, clip_grad=clip_grad, lr=lr, loss=loss, allow_skip=allow_skip)
     grads.release()
-    t = totals.tolist()
-    return StepResult(
-        loss=loss,
-        grad_norm=norm,
-        tokens=int(t[3]),
-        targets=int(t[0]),
-        samples=int(t[2]),
-        modality_tokens={"text": int(t[3] - t[4] - t[5] - t[6]), "image": int(t[4]), "video": int(t[5]), "audio": int(t[6])},
-        applied=applied,
-        flops=float(header[8]),
-        pipeline=trace,
-    )
+    return _result(totals, loss, norm, applied, float(header[8]), trace)

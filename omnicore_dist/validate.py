@@ -24,7 +24,7 @@ from omnicore.config import ThinkerConfig
 from omnicore.data.errors import DataStats
 from omnicore.data.loader import SampleSource, load_micro_batches
 from omnicore.eval import validation_loss
-from omnicore.models.thinker import head_token_losses, inputs_from_meta, inputs_meta, prepare_inputs, stage_forward
+from omnicore.models.thinker import head_token_losses, prepare_inputs
 from omnicore.ops import Ops
 from omnicore.params import Params
 from omnicore_dist.mesh import Mesh
@@ -96,18 +96,15 @@ def validate(params: Params, cfg: ThinkerConfig, source: SampleSource | None, gr
 def _pipeline_sums(params: Params, cfg: ThinkerConfig, batches: Sequence, samples: int, *, pipe, ops: Ops, comm: Comm) -> torch.Tensor:
     """(loss sum, targets, samples) of this pipeline's micro-batches, on its last stage (the first
     stage's sample count travels with the micro-batch count)."""
-    p2p, stage = pipe.p2p, pipe.stage
-    last = p2p.stage == p2p.stages - 1
+    p2p = pipe.p2p
     inputs = [prepare_inputs(cfg, b) for b in batches] if p2p.stage == 0 else []
     header = p2p.broadcast_from_first(torch.tensor([len(inputs), samples], dtype=torch.float64, device=p2p.device)).cpu()
     sums = torch.tensor([0.0, 0.0, float(header[1])], dtype=torch.float64)
 
     def forward(i: int, payload: dict):
-        meta = {k: v for k, v in payload.items() if not v.is_floating_point()}
-        inp = inputs[i] if p2p.stage == 0 else inputs_from_meta(cfg, meta)
-        out = stage_forward(params, cfg, stage, inp, {k: v for k, v in payload.items() if v.is_floating_point()}, ops=ops, comm=comm)
-        if not last:
-            return out | (inputs_meta(inp) if p2p.stage == 0 else meta)
+        inp, out = pipe.forward(params, cfg, inputs, i, payload, ops=ops, comm=comm)
+        if not pipe.last:
+            return out
         losses, _ = head_token_losses(params, cfg, inp, out["hidden"], ops=ops, comm=comm)
         sums[0] += float(losses.double().sum())
         sums[1] += losses.numel()
