@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from dist_launch import launch
+from train_worker import LR, ONE_PROCESS_STEPS, step_losses
 
 from omnicore.checkpoint.native import NativeCheckpoint, load_native
 from omnicore.layout import rule_for, shard_shape, tower_of
@@ -19,23 +20,8 @@ from omnicore_dist.config import ConfigError, ParallelSection, load_run_config
 from omnicore_dist.hetero import check_hetero
 from omnicore_dist.run import run
 
-ITERS = 3
-LR = 2e-3  # train_worker.CONFIG's
+ITERS = ONE_PROCESS_STEPS  # conftest's `single` run
 HETERO = ["--parallel.tp=4", "--parallel.vit_tp=1", "--parallel.audio_tp=1", "--data.micro_batch_size=4"]
-
-
-def _losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-
-
-@pytest.fixture(scope="module")
-def single(tiny_hf, tmp_path_factory):
-    import train_worker
-
-    base = tmp_path_factory.mktemp("one")
-    (base / "run.toml").write_text(train_worker.CONFIG.format(hf=tiny_hf, iters=ITERS))
-    run(load_run_config(base / "run.toml"), base=base, samples=train_worker.samples())
-    return _losses(base / "run"), load_native(base / "run")[1]
 
 
 def _bytes(ckpt: NativeCheckpoint, prefix: str) -> int:
@@ -51,7 +37,7 @@ def test_hetero_tp4_encoders_tp1_equals_one_process_and_resumes_elsewhere(single
     job = {"hf": str(tiny_hf), "base": str(base), "iters": ITERS, "stop_after": 2, "overrides": HETERO}
     launch(4, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / "logs", timeout=300)
     losses, params = single
-    assert _losses(base / "run") == pytest.approx(losses[:2], rel=1e-6)
+    assert step_losses(base / "run") == pytest.approx(losses[:2], rel=1e-6)
 
     ckpt = NativeCheckpoint(base / "run")
     assert ckpt.meta["layout"]["tp"] == {"text": 4, "vision": 1, "audio": 1}
@@ -75,7 +61,7 @@ def test_hetero_tp4_encoders_tp1_equals_one_process_and_resumes_elsewhere(single
             run(load_run_config(folder / "resume.toml"), base=folder, samples=train_worker.samples())
         else:
             launch(2, ["tests/train/train_worker.py", json.dumps(job)], tmp_path / f"logs-{name}", timeout=300)
-        assert _losses(folder / "run") == pytest.approx(losses[2:], rel=1e-6), name
+        assert step_losses(folder / "run") == pytest.approx(losses[2:], rel=1e-6), name
         final = load_native(folder / "run")[1]
         for k, v in params.items():  # within 2 % of one Adam step (see tests/train/test_dp.py)
             assert (final[k] - v).abs().max() <= 0.02 * LR, (name, k)

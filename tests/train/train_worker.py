@@ -44,6 +44,23 @@ progress = false
 """
 
 
+# The one-process run that multi-process layouts are compared with (conftest's `single`): this many steps.
+ONE_PROCESS_STEPS = 3
+LR = 2e-3  # CONFIG's
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    """The loss of every trained step, from the run's metrics.jsonl."""
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if "loss" in r and "step" in r]
+
+
+def assert_within_one_adam_step(got: dict, want: dict) -> None:
+    """Weights of two runs whose losses agree: within 2 % of one Adam step (sums in another order)."""
+    for k, v in want.items():
+        assert (got[k] - v).abs().max() <= 0.02 * LR, k
+
+
 # Validation runs (tests/train/test_validation.py): five held-out samples, every two steps.
 EVAL_OVERRIDES = ["--eval.interval=2", "--eval.iters=2"]
 
