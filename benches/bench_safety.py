@@ -56,6 +56,7 @@ from tiny_tokenizer import write_tokenizer  # noqa: E402
 
 import omnicore  # noqa: E402
 from omnicore import TINY  # noqa: E402
+from omnicore.checkpoint.commit import fsync_dir  # noqa: E402
 from omnicore.checkpoint.native import NativeCheckpoint  # noqa: E402
 from omnicore.config import TextConfig, ThinkerConfig  # noqa: E402
 from omnicore.data import MLLM, ProcessorConfig, SampleContext, load_tokenizer, open_cache, process_sample, read_dataset  # noqa: E402
@@ -148,14 +149,6 @@ def _read_back(root: Path) -> list[tuple[str, bytes]]:
     return [(str(p.relative_to(root)), p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _plain_write(files: list[tuple[str, bytes]], out: Path) -> Path:
     """The reference: the same bytes into the same files with plain Python writes, each file fsynced,
     then every folder."""
@@ -171,7 +164,7 @@ def _plain_write(files: list[tuple[str, bytes]], out: Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
     for folder in sorted(folders, key=lambda p: -len(p.parts)):
-        _fsync_dir(folder)
+        fsync_dir(folder)
     return out
 
 
