@@ -2,7 +2,8 @@
 
 Segments of one length are one SDPA call on a (count, H, L, D) strided view: a uniform batch is a
 single call with no mask, vision windows one call per window size, audio chunks one for the full
-chunks plus the tail; contiguous buckets are read through slices, scattered ones gathered.
+chunks plus the tail; contiguous buckets are read through slices, scattered ones gathered. On CPU
+tensors the buckets' forward and backward run as one autograd node (`_PackedFlash`).
 Elementwise ops are memory bound and fresh temporaries cost page faults, so rotary and RMSNorm have
 hand-written backwards that allocate little, inputs are cast once (a bf16 x fp32 broadcast takes a
 slow path), and SwiGLU reuses its silu buffer when no gradient is needed. Measured in benches/.
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from omnicore.ops import ref
-from omnicore.ops.segments import Segments
+from omnicore.ops.segments import LengthBucket, Segments
 
 __all__ = ["attention", "cached_attention", "apply_rope", "rms_norm", "swiglu"]
 
@@ -31,7 +32,13 @@ def attention(
     causal: bool,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Same contract as `ref.attention`: q (N, H, D), k / v (N, Hkv, D) -> (N, H, D)."""
+    """Same contract as `ref.attention`: q (N, H, D), k / v (N, Hkv, D) -> (N, H, D).
+
+    On CPU tensors, SDPA's flash kernel per bucket inside one autograd node (`_PackedFlash`); on
+    other devices (the CUDA backend shares this function), SDPA per bucket through autograd.
+    """
+    if q.device.type == "cpu":
+        return _PackedFlash.apply(q, k, v, segments, causal, scale)
     gqa = q.shape[1] != k.shape[1]
     if len(segments.buckets) == 1 and segments.buckets[0].index is None:
         bucket = segments.buckets[0]
@@ -53,6 +60,65 @@ def _sdpa(q, k, v, count, length, causal, scale, gqa):
     q, k, v = (t.reshape(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     return o.transpose(1, 2)  # (count, L, H, D)
+
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _PackedFlash(torch.autograd.Function):
+    """The CPU flash kernel (the one SDPA picks for these inputs; GQA native) over each length
+    bucket, forward and backward as one autograd node.
+
+    Through autograd, each bucket's slices of q / k / v would get their own backward nodes, each
+    filling a zero tensor the size of the whole input and adding it in: three fills and adds per
+    bucket and layer (~5 % of a mixed-length tiny training step). Here every bucket's gradients are
+    written once into one buffer per input; a single bucket covering all tokens is pure views.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, segments, causal, scale):
+        out, lses = None, []
+        covered = segments.total == q.shape[0]  # always, for Segments built from cu_seqlens
+        single = covered and len(segments.buckets) == 1 and segments.buckets[0].index is None
+        if not single:
+            out = q.new_empty(q.shape) if covered else q.new_zeros(q.shape)
+        for bucket in segments.buckets:
+            o, lse = _flash_forward(*(_bucket_view(t, bucket) for t in (q, k, v)), 0.0, causal, scale=scale)
+            lses.append(lse)
+            if single:
+                out = o.transpose(1, 2).reshape(q.shape)  # the kernel writes (count, L, H, D): a view
+            else:
+                _write(out, bucket, o)
+        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.buckets, ctx.causal, ctx.scale, ctx.covered = segments.buckets, causal, scale, covered
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, *lses = ctx.saved_tensors
+        grads = [t.new_empty(t.shape) if ctx.covered else t.new_zeros(t.shape) for t in (q, k, v)]
+        for bucket, lse in zip(ctx.buckets, lses):
+            views = (_bucket_view(t, bucket) for t in (grad, q, k, v, out))
+            for dst, part in zip(grads, _flash_backward(*views, lse, 0.0, ctx.causal, scale=ctx.scale)):
+                _write(dst, bucket, part)
+        return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None
+
+
+def _bucket_view(t: torch.Tensor, bucket: LengthBucket) -> torch.Tensor:
+    """A bucket's tokens of t (N, H, D) as (count, H, L, D): a strided view, or a gather when scattered."""
+    part = t[bucket.tokens] if bucket.index is None else t[bucket.index]
+    return part.reshape(bucket.count, bucket.length, *t.shape[1:]).transpose(1, 2)
+
+
+def _write(dst: torch.Tensor, bucket: LengthBucket, part: torch.Tensor) -> None:
+    """Store a bucket's (count, H, L, D) result into its tokens of dst (N, H, D)."""
+    rows = part.transpose(1, 2).reshape(-1, *dst.shape[1:])
+    if bucket.index is None:
+        dst[bucket.tokens] = rows
+    else:
+        dst.index_copy_(0, bucket.index, rows)
 
 
 def cached_attention(

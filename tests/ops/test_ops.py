@@ -58,11 +58,16 @@ def test_packed_attention_equals_one_by_one(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
-def test_backend_gradients_match_reference(backend):
-    lengths = [5, 9, 9, 2]
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "lengths",
+    [[5, 9, 9, 2], [12], [4, 4, 4], [5, 9, 5, 2, 9, 1]],
+    ids=["sliced-buckets", "one-sequence", "uniform", "gathered-buckets"],
+)
+def test_backend_gradients_match_reference(backend, causal, lengths):
     q, k, v = (t.requires_grad_() for t in qkv(sum(lengths), 4, 2, 8, torch.float32, seed=1))
     seg = Segments.from_lengths(lengths)
-    grads = [torch.autograd.grad(f(q, k, v, seg, causal=True).pow(2).sum(), (q, k, v)) for f in (ref.attention, backend.attention)]
+    grads = [torch.autograd.grad(f(q, k, v, seg, causal=causal).pow(2).sum(), (q, k, v)) for f in (ref.attention, backend.attention)]
     for want, got in zip(*grads):
         report(got, want, 1e-5)
 
