@@ -6,6 +6,7 @@ so optimizer memory is the adapters'. The model sees `adapted(base, adapters)`, 
 Tensor parallelism: each rank keeps its adapter pieces (omnicore.lora.adapter_rule); the
 replicated half of a split layer gets a partial gradient, summed over the TP group once per step
 with the other partial gradients (GradRole.partial); no collective is added to forward / backward.
+A hetero-parallel encoder's adapters follow its own TP size, like its weights (`lora_grad_roles`).
 Checkpoints hold only the adapters (+ optimizer, RNG, data position) and record their base's path
 and sha256 (omnicore.checkpoint.lora_io); continuing (`lora.load`, or a restarted run whose folder
 holds adapter checkpoints) checks that `model.load` is that base.
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from omnicore.checkpoint.commit import read_tracker
 from omnicore.checkpoint.lora_io import AdapterCheckpoint, base_fingerprint, check_base, export_merged_hf, write_peft_adapter
 from omnicore.config import ThinkerConfig
-from omnicore.layout import shard_tensor, unshard_tensors
+from omnicore.layout import shard_tensor, tower_of, unshard_tensors
 from omnicore.lora import LoraError, LoraSpec, adapted, adapter_rule, init_adapters, replicated_half
 from omnicore.models.thinker import tp_plans
 from omnicore.params import Params
@@ -42,19 +43,29 @@ def lora_spec(cfg: RunConfig) -> LoraSpec:
         raise ConfigError(str(err)) from None
 
 
-def lora_grad_roles(cfg: ThinkerConfig, names, size: int) -> dict[str, GradRole]:
+def lora_grad_roles(cfg: ThinkerConfig, names, size: int, tower_tp: Mapping[str, int] | None = None) -> dict[str, GradRole]:
     """Each adapter tensor's TP gradient role: a split half is this rank's own slice (copies 1, or
-    kv-head copies like its base), a replicated half is a partial sum held on every rank."""
+    kv-head copies like its base), a replicated half is a partial sum held on every rank.
+
+    A hetero encoder (TP size E below the group's T, `tower_tp`) has T / E replicas, each seeing its
+    share of the media: its adapters' gradients are also partial over the replicas. A replicated
+    half, partial over its E ranks too, is summed over the whole TP group at once (E ranks x T / E
+    replicas); a split half over its replicas (`replicas`, omnicore_dist.hetero)."""
     plans = tp_plans(cfg)
     roles = {}
     for n in names:
+        e = (tower_tp or {}).get(tower_of(n)) or size
         rule = adapter_rule(n, plans)
         if rule is None:
-            roles[n] = GradRole(copies=size, partial=size > 1 and replicated_half(n, plans))
-        elif rule.replicate_short and rule.units and size > rule.units:
-            roles[n] = GradRole(copies=size // rule.units, blocks=rule.units)
+            role = GradRole(copies=e, partial=e > 1 and replicated_half(n, plans))
+        elif rule.replicate_short and rule.units and e > rule.units:
+            role = GradRole(copies=e // rule.units, blocks=rule.units)
         else:
-            roles[n] = GradRole(copies=1)
+            role = GradRole(copies=1)
+        if e < size:
+            replicas = size // e
+            role = attrs.evolve(role, copies=role.copies * replicas, replicas=1 if role.partial else replicas)
+        roles[n] = role
     return roles
 
 
@@ -67,6 +78,7 @@ class LoraRun:
     adapters: Params
     base: dict
     checkpoint: AdapterCheckpoint | None
+    sizes: Mapping[str, int]  # TP size per tower ("text", "vision", "audio"); encoders may be smaller
 
     def view(self, params: Params, *, train: bool) -> Params:
         return adapted(params, self.adapters, self.spec, train=train)
@@ -81,14 +93,15 @@ class LoraRun:
 
     def full(self, cfg: ThinkerConfig, mesh: Mesh) -> Params:
         """Every rank's pieces joined into full adapters (collective over the TP group; with
-        pipeline stages, every stage's adapters end up on the main rank)."""
+        pipeline stages, every stage's adapters end up on the main rank). A hetero encoder's
+        pieces are joined from its first replica's ranks."""
         out = {k: v.detach() for k, v in self.adapters.items()}
         if mesh.tp > 1:
             plans = tp_plans(cfg)
             for name, piece in self.adapters.items():
                 parts = [torch.empty_like(piece) for _ in range(mesh.tp)]
                 dist.all_gather(parts, piece.detach().contiguous(), group=mesh.tp_group)
-                out[name] = unshard_tensors(parts, adapter_rule(name, plans), name)
+                out[name] = unshard_tensors(parts[: self.sizes[tower_of(name)]], adapter_rule(name, plans), name)
         if mesh.pp > 1:
             stages: list = [None] * mesh.pp
             dist.all_gather_object(stages, {k: v.cpu() for k, v in out.items()}, group=mesh.pp_group)
@@ -130,13 +143,10 @@ def setup_lora(cfg: RunConfig, base: Path, cfg_model: ThinkerConfig, mesh: Mesh,
                tower_tp: Mapping[str, int] | None = None, keep: Callable[[str], bool] | None = None) -> LoraRun:  # fmt: skip
     """Spec, base fingerprint (hashed once, on the main rank) and this rank's adapter pieces:
     fresh (seeded with train.seed) or from `lora.load`, whose recorded base must be `model.load`.
-    `keep` selects this pipeline stage's adapters (they are named after their layers)."""
+    `keep` selects this pipeline stage's adapters (they are named after their layers). A hetero
+    encoder's adapters are cut like its weights: piece tp_rank % E of its TP size E."""
     spec = lora_spec(cfg)
-    for tower, key in (("vision", "parallel.vit_tp"), ("audio", "parallel.audio_tp")):
-        size = (tower_tp or {}).get(tower)
-        if tower in spec.towers and size and size != mesh.tp:
-            raise ConfigError(f"lora.towers includes {tower} but {key} = {size} differs from parallel.tp = {mesh.tp}: "
-                              "LoRA on a hetero-parallel encoder is not built")  # fmt: skip
+    sizes = {tower: (tower_tp or {}).get(tower) or mesh.tp for tower in ("text", "vision", "audio")}
     base_path = _path(base, cfg.model.load)
     fingerprint = _broadcast(base_fingerprint(base_path) if mesh.is_main else None, mesh)
     ckpt = None
@@ -157,9 +167,10 @@ def setup_lora(cfg: RunConfig, base: Path, cfg_model: ThinkerConfig, mesh: Mesh,
     for name, t in full.items():
         if keep is not None and not keep(name):
             continue
-        piece = shard_tensor(t, adapter_rule(name, plans), mesh.tp_rank, mesh.tp, name)
+        size = sizes[tower_of(name)]
+        piece = shard_tensor(t, adapter_rule(name, plans), mesh.tp_rank % size, size, name)
         local[name] = piece.to(device=device, dtype=torch.float32).contiguous().clone().requires_grad_()
-    return LoraRun(spec=spec, adapters=local, base=fingerprint, checkpoint=ckpt)
+    return LoraRun(spec=spec, adapters=local, base=fingerprint, checkpoint=ckpt, sizes=sizes)
 
 
 def continue_lora_run(cfg: RunConfig, base: Path, run_dir: Path) -> RunConfig:

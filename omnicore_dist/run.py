@@ -366,7 +366,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     tp_state = None
     if mesh.tp > 1:
         sp = cfg.parallel.sequence_parallel
-        roles = lora_grad_roles(loaded.cfg, trainable, mesh.tp) if lora else grad_roles(loaded.cfg, trainable, mesh.tp, sequence_parallel=sp, tower_tp=tower_tp)
+        roles = lora_grad_roles(loaded.cfg, trainable, mesh.tp, tower_tp) if lora else grad_roles(loaded.cfg, trainable, mesh.tp, sequence_parallel=sp, tower_tp=tower_tp)
         comm = TPComm(mesh.tp_group, mesh.tp_rank, mesh.tp, sequence_parallel=sp, encoders=hetero_encoders(mesh, tower_tp))
         tp_state = TPState(comm=comm, roles=roles, weights=norm_weights(roles))
     pipe = PipelineState(stage=stage, p2p=P2P(mesh, device), schedule=cfg.parallel.pipeline_schedule) if mesh.pp > 1 else None

@@ -30,7 +30,7 @@ from omnicore.checkpoint.hf import native_to_hf as hf_name
 from omnicore.checkpoint.native import DictSource, NativeCheckpoint, resolve_step, write_native
 from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, sha256_file
 from omnicore.config import ThinkerConfig
-from omnicore.layout import Layout, unshard_tensors
+from omnicore.layout import Layout, tower_of, unshard_tensors
 from omnicore.lora import LoraError, LoraSpec, adapter_rule, adapter_shapes, layer_of, merge
 from omnicore.params import Params, check_shapes
 
@@ -96,14 +96,18 @@ class AdapterCheckpoint:
                 raise CheckpointError(f"{path}: missing, or its sha256 differs from meta.json (corrupt or modified)")
 
     def params(self) -> Params:
-        """Full (unsharded) fp32 adapters, checked against the spec's shapes."""
+        """Full (unsharded) fp32 adapters, checked against the spec's shapes. A hetero-parallel
+        encoder (a smaller TP size in meta.json's layout) is joined from its first replica's files."""
         from omnicore.models.thinker import tp_plans
 
         plans = tp_plans(self.cfg)
+        sizes = self.meta.get("layout", {}).get("tp") or {}
         out = {}
         for stage in range(self.pp):
             files = [SafetensorsFile(self.path / adapter_file(r, stage)) for r in range(self.tp)]
-            out |= {n: unshard_tensors([f.read(n) for f in files], adapter_rule(n, plans), n) for n in files[0].keys()}
+            for n in files[0].keys():
+                pieces = [f.read(n) for f in files[: int(sizes.get(tower_of(n), self.tp))]]
+                out[n] = unshard_tensors(pieces, adapter_rule(n, plans), n)
         check_shapes({k: v.shape for k, v in out.items()}, adapter_shapes(self.cfg, self.spec), source=str(self.path))
         return out
 
