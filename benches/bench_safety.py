@@ -6,8 +6,8 @@
    folders. Also sha256 of those bytes alone (one thread), which explains most of the difference.
    Correctness: the saved checkpoint loads (sha256 verified) with equal weights, optimizer state,
    RNG and data position.
-2. Checksums. (a) The checkpoint load's sha256 verification: `NativeCheckpoint(verify=True)` vs
-   `verify=False`, each followed by what a resume reads (all weights, optimizer and RNG state), page
+2. Checksums. (a) The checkpoint load's sha256 verification: `NativeCheckpoint(verify="used")` vs
+   `verify="none"`, each followed by what a resume reads (all weights, optimizer and RNG state), page
    cache warm (the upper bound of the fraction: cold, both sides wait for the disk too).
    (b) The data cache's xxh3-64 check of every loaded sample: `SampleCache.load` has no switch, so
    the check itself (`omnicore.data.cache._add_to_checksum` on the loaded tensors, the same bytes) is
@@ -174,7 +174,7 @@ def saved(trained, tmp_path_factory):
     cfg, params, opt, _ = trained
     root = tmp_path_factory.mktemp("ckpt") / "run"
     path = save_training(_request(root, trained, step=7), MESH)
-    ckpt = NativeCheckpoint(root)  # verify=True: every file's size and sha256 against meta.json
+    ckpt = NativeCheckpoint(root, verify="all")  # every file's size and sha256 against meta.json
     assert ckpt.path == path and ckpt.cfg == cfg
     got = ckpt.params()
     assert set(got) == set(params)
@@ -242,23 +242,23 @@ def test_checkpoint_load_verification(saved, bench_rounds, request):
     quick = _quick(request)
     rounds = bench_rounds if quick else max(3, bench_rounds // 3)
 
-    def load(verify: bool):
+    def load(verify: str):
         def call():
             ckpt = NativeCheckpoint(saved, verify=verify)
             return ckpt.params(), load_resume(ckpt, MESH, load_optim=True, load_rng=True)
 
         return call
 
-    times = _alternate({"unverified": load(False), "verified": load(True)}, rounds=rounds)
+    times = _alternate({"unverified": load("none"), "verified": load("used")}, rounds=rounds)
     speed = ratio_summary(times["unverified"], times["verified"])
     med = _med(times)
     fraction = statistics.median(1 - u / v for u, v in zip(times["unverified"], times["verified"]))
     record = {"seconds_median": med, "unverified_over_verified": speed, "verification_fraction_of_load": fraction, "rounds": rounds}
     write_record("safety_load_verify", record)
-    print(f"\ncheckpoint load (weights + optimizer + RNG, page cache warm): verify=False {med['unverified']:.3f} s, "
-          f"verify=True {med['verified']:.3f} s; sha256 verification = {fraction:.0%} of the verified load; "
+    print(f"\ncheckpoint load (weights + optimizer + RNG, page cache warm): verify='none' {med['unverified']:.3f} s, "
+          f"verify='used' {med['verified']:.3f} s; sha256 verification = {fraction:.0%} of the verified load; "
           f"unverified / verified {_fmt(speed)}")  # fmt: skip
-    gate(speed, LIMITS["unverified_over_verified_load"], quick=quick, what="checkpoint load, verify=False / verify=True")
+    gate(speed, LIMITS["unverified_over_verified_load"], quick=quick, what="checkpoint load, verify none / used")
 
 
 # ---------------------------------------------------------------------------------------------

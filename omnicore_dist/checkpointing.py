@@ -160,21 +160,21 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
     if "optimizer" not in inexact and load_optim:
         tp, pp, dp, zero = int(meta.get("tp_size", 1)), int(meta.get("pp_size", 1)), int(meta["dp_size"]), bool(meta.get("zero_sharded"))
         needed = range(pp) if names is None or pp == 1 else _stages_holding(meta, names)
-        optimizer = [[[_read_all(ckpt.path / _rank_file("optim", t, s, d if zero else None)) for d in (range(dp) if zero else [None])]
-                      for s in needed] for t in range(tp)]  # fmt: skip
+        files = [[[_rank_file("optim", t, s, d if zero else None) for d in (range(dp) if zero else [None])] for s in needed] for t in range(tp)]
+        ckpt.verified(*(name for stages in files for shards in stages for name in shards))  # in parallel, once
+        optimizer = [[[_read_all(ckpt.path / name) for name in shards] for shards in stages] for stages in files]
         if not needed:  # a stage with nothing to train: only the update count (the LR schedule's position)
-            count = SafetensorsFile(ckpt.path / _rank_file("optim", 0, 0, 0 if zero else None)).read("step")
+            count = SafetensorsFile(ckpt.verified(_rank_file("optim", 0, 0, 0 if zero else None))[0]).read("step")
             optimizer = [[[{"step": count}]] for _ in range(tp)]
     elif not load_optim:
         inexact.append("optimizer (load_optim = false)")
     rng = None
-    rng_file = ckpt.path / _rank_file("rng", mesh.tp_rank, mesh.pp_rank, mesh.dp_rank)
-    if "rng" not in inexact and load_rng and rng_file.exists():
-        rng = _read_all(rng_file)
+    rng_file = _rank_file("rng", mesh.tp_rank, mesh.pp_rank, mesh.dp_rank)
+    if "rng" not in inexact and load_rng and ckpt.lists(rng_file):
+        rng = _read_all(ckpt.verified(rng_file)[0])
     elif load_rng and "rng" not in inexact:
         inexact.append(f"rng (no state for tensor / pipeline / data-parallel rank {mesh.tp_rank} / {mesh.pp_rank} / {mesh.dp_rank})")
-    data_file = ckpt.path / "data.json"  # listed in meta.json, so already verified by its sha256
-    data_state = json.loads(data_file.read_text()) if data_file.exists() else {}
+    data_state = json.loads(ckpt.verified("data.json")[0].read_text()) if ckpt.lists("data.json") else {}
     return Resume(step=int(meta["iteration"]), data_state=data_state, optimizer=optimizer, rng=rng, inexact=tuple(inexact))
 
 

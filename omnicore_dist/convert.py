@@ -175,7 +175,7 @@ def _check_mm_layout(native_dir: Path, iteration: int | None, checked: dict[str,
     """mm_to_hf's parallel fields must describe the checkpoint (MindSpeed needs them to find its files)."""
     if not checked:
         return
-    layout = NativeCheckpoint(native_dir, iteration=iteration, verify=False).layout
+    layout = NativeCheckpoint(native_dir, iteration=iteration, verify="none").layout
     actual = {
         "parallel_config.llm_pp_layers": layout.llm_pp_layers,
         "parallel_config.vit_pp_layers": layout.vit_pp_layers,
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace, checked: dict[str, str]) -> Path:
             return native_to_hf(args.native_dir, args.hf_dir, args.out_dir, iteration=args.iteration, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
         finally:
             progress.close()
-    progress = _Progress(NativeCheckpoint(args.native_dir, iteration=args.iteration, verify=False).nbytes(), "reshard")
+    progress = _Progress(NativeCheckpoint(args.native_dir, iteration=args.iteration, verify="none").nbytes(), "reshard")
     try:
         return reshard(args.native_dir, args.out_dir, layout_from_args(args), iteration=args.iteration, overwrite=args.overwrite, progress=progress)
     finally:

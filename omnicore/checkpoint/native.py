@@ -260,11 +260,24 @@ def resolve_step(root: str | Path, iteration: int | None = None) -> Path:
     return step
 
 
-class NativeCheckpoint:
-    """A committed step folder, verified on open: meta.json, every file's size and sha256, every
-    file's tensor set and shapes against `file_plan`. Reads full tensors (unsharding) lazily."""
+_VERIFY = ("used", "all", "none")
 
-    def __init__(self, root: str | Path, *, iteration: int | None = None, verify: bool = True):
+
+class NativeCheckpoint:
+    """A committed step folder, checked on open: meta.json, every recorded file's presence and size,
+    every weight file's tensor set and shapes against `file_plan`. Reads full tensors (unsharding)
+    lazily.
+
+    `verify` says which files' sha256 are checked against meta.json: "used" (default) each file the
+    first time its bytes are read (through `read`, `params`, `chunks` or `verified`), so a weights-only
+    load never hashes the optimizer state (several times the weights' bytes) and a pipeline stage
+    only its own files; "all" every file on open (an integrity check of the whole step); "none" no
+    file (tools that only read the layout).
+    """
+
+    def __init__(self, root: str | Path, *, iteration: int | None = None, verify: str = "used"):
+        if verify not in _VERIFY:
+            raise ValueError(f"verify must be one of {_VERIFY}, got {verify!r}")
         self.path = resolve_step(root, iteration)
         meta_file = self.path / META
         if not meta_file.exists():
@@ -277,18 +290,38 @@ class NativeCheckpoint:
                 raise CheckpointError(f"{meta_file}: format version {self.meta.get('format_version')} is not supported ({FORMAT_VERSION})")
             self.cfg = ThinkerConfig.from_hf(self.meta["hf_config"])
             self.layout = Layout.from_json(self.meta["layout"])
-            recorded = self.meta["files"]
+            self._recorded: Mapping[str, Mapping] = self.meta["files"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{meta_file}: incomplete or malformed ({err!r})") from None
         self.specs = {s.name: s for s in file_plan(self.cfg, self.layout)}
         self._rule = _rules(self.cfg)
-        missing = sorted(set(self.specs) - set(recorded))
+        missing = sorted(set(self.specs) - set(self._recorded))
         if missing:
             raise CheckpointError(f"{meta_file}: the layout needs {', '.join(missing)} but meta.json does not list them")
-        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # sha256 releases the GIL
-            list(pool.map(lambda item: _verify_file(self.path / item[0], item[1], verify), recorded.items()))
+        for name, info in self._recorded.items():
+            _check_size(self.path / name, info)
+        self._hashed: set[str] = set() if verify != "none" else set(self._recorded)
+        if verify == "all":
+            self.verified(*self._recorded)
         self.files = {name: self._open(spec) for name, spec in self.specs.items()}
         self._where = {n: [s for s in self.specs.values() if n in s.tensors] for n in param_shapes(self.cfg)}
+
+    def verified(self, *names: str) -> list[Path]:
+        """The paths of these files of the step, each checked against meta.json's sha256 unless it
+        already was (in parallel: sha256 releases the GIL). A file meta.json does not list is an error."""
+        unknown = [n for n in names if n not in self._recorded]
+        if unknown:
+            raise CheckpointError(f"{self.path / META} does not list {', '.join(unknown)}")
+        todo = sorted(set(names) - self._hashed)
+        if todo:
+            with ThreadPoolExecutor(max(1, min(4, len(todo), os.cpu_count() or 1))) as pool:
+                list(pool.map(lambda name: _check_sha256(self.path / name, self._recorded[name]), todo))
+            self._hashed.update(todo)
+        return [self.path / n for n in names]
+
+    def lists(self, name: str) -> bool:
+        """Whether meta.json lists this file (optimizer, RNG and data files exist only in training saves)."""
+        return name in self._recorded
 
     def _open(self, spec: FileSpec) -> SafetensorsFile:
         path = self.path / spec.name
@@ -324,6 +357,7 @@ class NativeCheckpoint:
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The full tensor (TP pieces joined; pieces split along dim 0 are read straight into place)."""
         files = self._pieces(name)
+        self.verified(*(f.path.name for f in files))
         split = self._rule(name)
         if split is None:
             return files[0].read(name) if out is None else files[0].read_into(name, out)
@@ -341,6 +375,7 @@ class NativeCheckpoint:
         """The full tensor as row blocks of about CHUNK_BYTES, in row-major order, read straight
         from the piece files: memory stays at one block whatever the tensor's size."""
         files = self._pieces(name)
+        self.verified(*(f.path.name for f in files))
         split = self._rule(name)
         info = files[0].tensors[name]
         if len(info.shape) == 0:
@@ -361,24 +396,31 @@ class NativeCheckpoint:
 
     def params(self, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None) -> Params:
         """Full tensors (`keep`: only the names it accepts, e.g. one pipeline stage's)."""
-        return {n: self.read(n).to(dtype or self.dtype(n)) for n in self.names() if keep is None or keep(n)}
+        names = [n for n in self.names() if keep is None or keep(n)]
+        self.verified(*{s.name for n in names for s in self._where[n]})  # all at once, in parallel
+        return {n: self.read(n).to(dtype or self.dtype(n)) for n in names}
 
     def hf_files(self) -> dict[str, Path]:
-        """Tokenizer / processor / config files copied from the HF source, by name."""
+        """Tokenizer / processor / config files copied from the HF source, by name (verified)."""
         folder = self.path / "hf"
-        return {p.name: p for p in sorted(folder.iterdir())} if folder.is_dir() else {}
+        found = sorted(folder.iterdir()) if folder.is_dir() else []
+        self.verified(*(f"hf/{p.name}" for p in found if self.lists(f"hf/{p.name}")))
+        return {p.name: p for p in found}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _verify_file(path: Path, info: Mapping, verify: bool) -> None:
+def _check_size(path: Path, info: Mapping) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: listed in meta.json but missing")
     if path.stat().st_size != info["bytes"]:
         raise CheckpointError(f"{path}: {path.stat().st_size} bytes, meta.json records {info['bytes']} (truncated or replaced)")
-    if verify and sha256_file(path) != info["sha256"]:
+
+
+def _check_sha256(path: Path, info: Mapping) -> None:
+    if sha256_file(path) != info["sha256"]:
         raise CheckpointError(f"{path}: sha256 does not match meta.json (the file is corrupt)")
 
 

@@ -122,10 +122,10 @@ def test_kills_inside_saves_never_expose_a_partial_checkpoint(tiny_hf, tmp_path)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        ckpt = NativeCheckpoint(base / "run")  # verifies every file's size and sha256
+        ckpt = NativeCheckpoint(base / "run", verify="all")  # every file's size and sha256
         assert ckpt.meta["iteration"] in (target - 1, target)
         for step_dir in (base / "run").glob("iter_*"):  # every visible step folder is complete
             assert (step_dir / META).exists()
-            NativeCheckpoint(step_dir)
+            NativeCheckpoint(step_dir, verify="all")
         loaded_ok += 1
     assert loaded_ok == 5

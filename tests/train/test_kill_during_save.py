@@ -227,7 +227,7 @@ def _scan(run_dir: Path, ref_run: Path) -> dict:
         if not p.is_dir() or not p.name.startswith(("iter_", ".tmp-", ".old-")):
             continue
         try:
-            ck = NativeCheckpoint(p)
+            ck = NativeCheckpoint(p, verify="all")
         except CheckpointError as err:
             # A renamed iter_* folder is only ever a complete one (meta.json is written before the rename).
             found["broken_iter" if p.name.startswith("iter_") else "refused"].append(f"{p.name}: {err}")
@@ -272,7 +272,7 @@ def test_kill_during_save_never_loads_a_partial_checkpoint_and_resumes_exactly(r
         partial_left += any(name.startswith(f".tmp-iter_{kill_step:07d}:") for name in found["refused"])
         tracker = read_tracker(run_dir)
         assert tracker in (str(kill_step - 2), str(kill_step)), f"{what}: tracker {tracker!r}"
-        loaded = NativeCheckpoint(run_dir)  # what a resume opens
+        loaded = NativeCheckpoint(run_dir, verify="all")  # what a resume opens, every file checked
         assert loaded.meta["iteration"] == int(tracker) and loaded.meta["files"] == _files(ref_run, int(tracker)), what
         untracked_complete += max(found["complete"]) > int(tracker)
         outcomes.append([mode, plan, kill_step, int(tracker), None])

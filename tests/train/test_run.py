@@ -142,7 +142,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tiny_hf, samples, tmp_pa
     with pytest.raises(BadStep, match="non-finite loss"):
         run(cfg, base=base, samples=poisoned)
     assert (base / "run" / "latest_checkpointed_iteration.txt").read_text() == "1"
-    assert NativeCheckpoint(base / "run").meta["iteration"] == 1  # complete and verified
+    assert NativeCheckpoint(base / "run", verify="all").meta["iteration"] == 1  # complete and verified
     assert not (base / "run" / "iter_0000002").exists()
     assert "stopped at step 2" in (base / "run" / "log.txt").read_text()
 
