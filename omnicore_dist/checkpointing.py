@@ -147,11 +147,16 @@ class Resume:
     optimizer: Sequence[Sequence[Sequence[Mapping[str, torch.Tensor]]]] | None  # [tp rank][pp stage][ZeRO dp shard] states
     rng: Mapping[str, torch.Tensor] | None
     inexact: tuple[str, ...]  # what is missing, for the warning
+    own_optimizer: bool = False  # `optimizer` is only this rank's TP rank and stage (the layout is unchanged)
 
 
-def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rng: bool, names: Collection[str] | None = None) -> Resume | None:
+def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rng: bool, names: Collection[str] | None = None,
+                same_layout: bool = False) -> Resume | None:  # fmt: skip
     """Optimizer / RNG / data position of a training checkpoint (None for a release). `names`: the
-    parameters this rank trains; only the saved pipeline stages holding them are read."""
+    parameters this rank trains; only the saved pipeline stages holding them are read. `same_layout`:
+    the checkpoint was saved under this run's layout (TP sizes, pipeline layer lists and, with ZeRO,
+    DP size), so this rank reads only its own TP rank's and stage's optimizer files, not every
+    rank's to re-cut them."""
     meta = ckpt.meta
     if meta.get("kind") != "training":
         return None
@@ -159,13 +164,15 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
     optimizer = None
     if "optimizer" not in inexact and load_optim:
         tp, pp, dp, zero = int(meta.get("tp_size", 1)), int(meta.get("pp_size", 1)), int(meta["dp_size"]), bool(meta.get("zero_sharded"))
-        needed = range(pp) if names is None or pp == 1 else _stages_holding(meta, names)
-        files = [[[_rank_file("optim", t, s, d if zero else None) for d in (range(dp) if zero else [None])] for s in needed] for t in range(tp)]
+        needed = list(range(pp)) if names is None or pp == 1 else _stages_holding(meta, names)
+        own = same_layout and needed in ([], [mesh.pp_rank])  # under the saved layout a stage's states are its own
+        tp_ranks = [mesh.tp_rank] if own else list(range(tp))
+        files = [[[_rank_file("optim", t, s, d if zero else None) for d in (range(dp) if zero else [None])] for s in needed] for t in tp_ranks]
         ckpt.verified(*(name for stages in files for shards in stages for name in shards))  # in parallel, once
         optimizer = [[[_read_all(ckpt.path / name) for name in shards] for shards in stages] for stages in files]
         if not needed:  # a stage with nothing to train: only the update count (the LR schedule's position)
             count = SafetensorsFile(ckpt.verified(_rank_file("optim", 0, 0, 0 if zero else None))[0]).read("step")
-            optimizer = [[[{"step": count}]] for _ in range(tp)]
+            optimizer = [[[{"step": count}]] for _ in tp_ranks]
     elif not load_optim:
         inexact.append("optimizer (load_optim = false)")
     rng = None
@@ -175,7 +182,8 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
     elif load_rng and "rng" not in inexact:
         inexact.append(f"rng (no state for tensor / pipeline / data-parallel rank {mesh.tp_rank} / {mesh.pp_rank} / {mesh.dp_rank})")
     data_state = json.loads(ckpt.verified("data.json")[0].read_text()) if ckpt.lists("data.json") else {}
-    return Resume(step=int(meta["iteration"]), data_state=data_state, optimizer=optimizer, rng=rng, inexact=tuple(inexact))
+    return Resume(step=int(meta["iteration"]), data_state=data_state, optimizer=optimizer, rng=rng, inexact=tuple(inexact),
+                  own_optimizer=optimizer is not None and own)  # fmt: skip
 
 
 def _stages_holding(meta: Mapping, names: Collection[str]) -> list[int]:

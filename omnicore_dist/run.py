@@ -35,7 +35,7 @@ from omnicore.data.loader import Loader, MemorySamples
 from omnicore.data.sample import SampleContext
 from omnicore.data.sampler import StepSampler
 from omnicore.data.tokenizer import Tokenizer, load_tokenizer
-from omnicore.layout import LayoutError, Stage, stage_of
+from omnicore.layout import Layout, LayoutError, Stage, stage_of
 from omnicore.models.thinker import param_shapes, tower_depths
 from omnicore.ops import resolve
 from omnicore.params import Params
@@ -275,19 +275,30 @@ def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
 
 
 def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Sequence[Mapping[str, torch.Tensor]]]], cfg: ThinkerConfig, mesh: Mesh, *,
-                          saved_tp: Mapping[str, int], tower_tp: Mapping[str, int], names: set[str], rule: Callable | None = None) -> None:  # fmt: skip
+                          saved_tp: Mapping[str, int], tower_tp: Mapping[str, int], names: set[str], rule: Callable | None = None,
+                          own: bool = False) -> None:  # fmt: skip
     """Load a saved optimizer state (`saved[tp rank][pipeline stage][ZeRO shard]`) into this run's
     optimizer, whatever the saved TP sizes (per tower), pipeline layout, DP size or ZeRO setting: each
     TP rank's state is made plain (ZeRO slicing is per parameter, so that is pure) and joined over the
     stages, states are re-split with the parameters' TP plan (they have the parameters' shapes), this
-    stage's parameters (`names`) are kept, and ZeRO-sliced again for this rank when the run uses ZeRO."""
+    stage's parameters (`names`) are kept, and ZeRO-sliced again for this rank when the run uses ZeRO.
+    `own`: `saved` is this rank's own TP rank and stage under an unchanged layout, used as it is."""
     plain = [_join_stages([_plain_state(shards) for shards in stages]) for stages in saved]
-    state = reshard_state(cfg, plain, saved_tp, tower_tp, mesh.tp_rank, rule)
+    state = plain[0] if own else reshard_state(cfg, plain, saved_tp, tower_tp, mesh.tp_rank, rule)
     state = {k: v for k, v in state.items() if k == "step" or k.split(".", 1)[1] in names}
     if isinstance(optimizer, ZeroAdamW):
         optimizer.load_state_dict(*plain_to_zero(state, mesh.dp, mesh.dp_rank))
     else:
         optimizer.load_state_dict(state)
+
+
+def _same_layout(meta: Mapping, layout: Layout, depths: Mapping[str, int]) -> bool:
+    """Whether a checkpoint was saved under this run's TP sizes and pipeline stages (then each rank's
+    saved optimizer states are its own; ZeRO shards are re-sliced for any DP size anyway)."""
+    try:
+        return Layout.from_json(meta["layout"]).to_json(depths) == layout.to_json(depths)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _join_stages(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -384,18 +395,20 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     log = RunLog(run_dir, enabled=mesh.is_main, interval=cfg.log.interval, warmup_steps=cfg.log.warmup_steps,
                  total_steps=cfg.train.train_iters, first_step=1, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)  # fmt: skip
     resume_from = lora.checkpoint if lora else loaded.checkpoint  # LoRA continues from its adapter checkpoint, never the base's
-    resume = load_resume(resume_from, mesh, load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng,
-                         names=set(trainable)) if resume_from else None  # fmt: skip
+    resume = load_resume(resume_from, mesh, load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng, names=set(trainable),
+                         same_layout=_same_layout(resume_from.meta, layout, tower_depths(loaded.cfg))) if resume_from else None  # fmt: skip
     if resume is not None:
         step, consumed = resume.step, int(resume.data_state.get("consumed_samples", 0))
         if resume.optimizer is not None:
             _load_optimizer_state(optimizer, resume.optimizer, loaded.cfg, mesh, saved_tp=saved_sizes(resume_from.meta), tower_tp=tower_tp,
-                                  names=set(trainable), rule=lora.split_rule(loaded.cfg) if lora else None)  # fmt: skip
+                                  names=set(trainable), rule=lora.split_rule(loaded.cfg) if lora else None, own=resume.own_optimizer)  # fmt: skip
         if resume.rng is not None:
             set_rng_state(resume.rng)
+        optimizer_from = None if resume.optimizer is None else "own files" if resume.own_optimizer else "re-cut from the saved layout"
         log.message(f"resumed from {resume_from.path} at step {step}, {consumed} samples consumed"
+                    + (f"; optimizer state: {optimizer_from}" if optimizer_from else "")
                     + (f"; INEXACT resume, missing: {', '.join(resume.inexact)}" if resume.inexact else ""))  # fmt: skip
-        log.event("resume", step=step, path=str(resume_from.path), inexact=list(resume.inexact))
+        log.event("resume", step=step, path=str(resume_from.path), inexact=list(resume.inexact), optimizer=optimizer_from)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # set by torchrun's --max-restarts
     if restarts:
         log.message(f"restart {restarts} of this job (torchrun), continuing at step {step}")

@@ -95,6 +95,16 @@ class AdapterCheckpoint:
             if not path.exists() or sha256_file(path) != info["sha256"]:
                 raise CheckpointError(f"{path}: missing, or its sha256 differs from meta.json (corrupt or modified)")
 
+    def verified(self, *names: str) -> list[Path]:
+        """The paths of these files (all verified on open; NativeCheckpoint's reading interface)."""
+        unknown = [n for n in names if n not in self.meta["files"]]
+        if unknown:
+            raise CheckpointError(f"{self.path / META} does not list {', '.join(unknown)}")
+        return [self.path / n for n in names]
+
+    def lists(self, name: str) -> bool:
+        return name in self.meta["files"]
+
     def params(self) -> Params:
         """Full (unsharded) fp32 adapters, checked against the spec's shapes. A hetero-parallel
         encoder (a smaller TP size in meta.json's layout) is joined from its first replica's files."""

@@ -67,6 +67,7 @@ def test_ten_plus_ten_steps_in_two_launches_equal_twenty_straight(tiny_hf, tmp_p
 
     resume_events = [json.loads(line) for line in (resumed / "run" / "metrics.jsonl").read_text().splitlines() if '"resume"' in line]
     assert [(e["step"], e["inexact"]) for e in resume_events] == [(STOP, [])]  # from step 10, nothing missing
+    assert resume_events[0]["optimizer"] == "own files"  # each rank read only its own optimizer state
 
     a, b = _steps(straight / "run"), _steps(resumed / "run")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, ITERS + 1))  # no step trained twice
