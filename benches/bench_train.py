@@ -8,6 +8,9 @@ Workloads (global batch 2 x ~512 tokens, one micro-batch each):
   medium/text: a wider text-only config (MEDIUM), where GEMMs dominate.
 Goals (issue 5): >= 1.3x HF on tiny, >= 1.15x on medium with MFU >= 0.85 of the matmul rate,
 >= 1.3x on fixed-length image / audio, >= 2x on the mixed batch, peak RSS <= HF's.
+Each record also holds the kernel floor: the step's time inside GEMM, attention and convolution
+kernels alone (common.kernel_seconds), and HF's step time over it, the ceiling of any speedup
+reachable with those kernels at omnicore's shapes.
 
     pytest benches/bench_train.py -s                  # writes bench_results/train_*.json
     pytest benches/bench_train.py -s --bench-quick    # correctness and a short timing (CI)
@@ -26,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_thinker import BENCH_CONFIG, hf_thinker  # noqa: E402
-from common import alternate, peak_rss, ratio_summary, write_record  # noqa: E402
+from common import alternate, kernel_seconds, peak_rss, ratio_summary, write_record  # noqa: E402
 from hf_reference import Piece, build_batch, hf_kwargs  # noqa: E402
 
 import omnicore  # noqa: E402
@@ -118,6 +121,7 @@ def test_train_step_vs_hf(name, bench_rounds, request):
     times = alternate({"hf": hf_step, "omnicore": omni_step}, rounds=bench_rounds)
     summary = ratio_summary(times["hf"], times["omnicore"])
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    kernels = kernel_seconds(omni_step)
     record = {
         "workload": name,
         "tokens_per_step": tokens,
@@ -125,6 +129,9 @@ def test_train_step_vs_hf(name, bench_rounds, request):
         "speedup_vs_hf": summary,
         "mfu_of_matmul_rate": flops / med["omnicore"] / rate,
         "matmul_gflops": rate / 1e9,
+        # omnicore's GEMM / attention / convolution time alone: HF's step time over it is the most any
+        # implementation calling these kernels at omnicore's shapes could gain over HF.
+        "kernel_floor": {"seconds": kernels, "share_of_step": kernels / med["omnicore"], "ceiling_vs_hf": med["hf"] / kernels},
         "rounds": bench_rounds,
     }
     if not request.config.getoption("--bench-quick"):
@@ -133,4 +140,5 @@ def test_train_step_vs_hf(name, bench_rounds, request):
     rss = record.get("peak_rss")
     print(f"\n{name}: omnicore {record['tokens_per_s']['omnicore']:.0f} tok/s vs HF {record['tokens_per_s']['hf']:.0f}: "
           f"x{summary['median']:.2f} (min {summary['min']:.2f}, max {summary['max']:.2f}); MFU {record['mfu_of_matmul_rate']:.2f} "
-          f"of {rate / 1e9:.0f} GFLOP/s" + (f"; peak RSS {rss['omnicore'] / 2**20:.0f} vs {rss['hf'] / 2**20:.0f} MiB" if rss else ""))  # fmt: skip
+          f"of {rate / 1e9:.0f} GFLOP/s; kernels {record['kernel_floor']['share_of_step']:.0%} of the step, ceiling "
+          f"x{record['kernel_floor']['ceiling_vs_hf']:.2f} vs HF" + (f"; peak RSS {rss['omnicore'] / 2**20:.0f} vs {rss['hf'] / 2**20:.0f} MiB" if rss else ""))  # fmt: skip

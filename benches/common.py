@@ -153,6 +153,31 @@ def time_and_gate_elementwise(benchmark, *, op: str, shape: str, dims, dtype: to
     return record
 
 
+# The compute kernels of a training step: GEMMs, attention, convolutions. Any implementation runs
+# them at its step's shapes (the same FLOPs), whichever library calls them; the rest (elementwise
+# work, softmax, the optimizer, dispatch) is what an implementation can shrink.
+KERNELS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::mkldnn_convolution", "aten::convolution_backward",
+})  # fmt: skip
+
+
+def kernel_seconds(step: Callable[[], object], calls: int = 2) -> float:
+    """Seconds one call of `step` spends inside KERNELS (the least over `calls` profiled calls,
+    after a warm-up): the floor of that step's time with these kernels. reference time / this
+    bounds the speedup any candidate running the same kernels can reach."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    best = float("inf")
+    for _ in range(calls):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        best = min(best, sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e6)
+    return best
+
+
 _PEAK_RSS = """
 import re, sys
 sys.path[:0] = {paths!r}
