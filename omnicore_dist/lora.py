@@ -78,7 +78,7 @@ class LoraRun:
     adapters: Params
     base: dict
     checkpoint: AdapterCheckpoint | None
-    sizes: Mapping[str, int]  # TP size per tower ("text", "vision", "audio"); encoders may be smaller
+    sizes: Mapping[str, int] = attrs.field(factory=dict)  # TP size per tower where it differs from the LLM's (hetero)
 
     def view(self, params: Params, *, train: bool) -> Params:
         return adapted(params, self.adapters, self.spec, train=train)
@@ -101,7 +101,7 @@ class LoraRun:
             for name, piece in self.adapters.items():
                 parts = [torch.empty_like(piece) for _ in range(mesh.tp)]
                 dist.all_gather(parts, piece.detach().contiguous(), group=mesh.tp_group)
-                out[name] = unshard_tensors(parts[: self.sizes[tower_of(name)]], adapter_rule(name, plans), name)
+                out[name] = unshard_tensors(parts[: self.sizes.get(tower_of(name), mesh.tp)], adapter_rule(name, plans), name)
         if mesh.pp > 1:
             stages: list = [None] * mesh.pp
             dist.all_gather_object(stages, {k: v.cpu() for k, v in out.items()}, group=mesh.pp_group)
