@@ -110,7 +110,7 @@ def test_kills_inside_saves_never_expose_a_partial_checkpoint(tiny_hf, tmp_path)
     """SIGKILL at several instants while saves are running: the loadable checkpoint is always complete."""
     paths = [str(ROOT / "tests"), str(ROOT / "tests" / "data"), str(ROOT / "tests" / "train"), str(ROOT / "examples")]
     loaded_ok = 0
-    for i, delay in enumerate((0.0, 0.01, 0.03, 0.06, 0.1)):
+    for i, delay in enumerate((0.0, 0.03, 0.1)):  # tests/train/test_kill_during_save.py kills inside saves at many more instants
         base = tmp_path / f"k{i}"
         _cfg(base, tiny_hf, iters=40)
         proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP.format(paths=paths, base=str(base))], cwd=ROOT,
@@ -128,4 +128,4 @@ def test_kills_inside_saves_never_expose_a_partial_checkpoint(tiny_hf, tmp_path)
             assert (step_dir / META).exists()
             NativeCheckpoint(step_dir, verify="all")
         loaded_ok += 1
-    assert loaded_ok == 5
+    assert loaded_ok == 3
