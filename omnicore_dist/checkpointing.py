@@ -154,9 +154,9 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
                 same_layout: bool = False) -> Resume | None:  # fmt: skip
     """Optimizer / RNG / data position of a training checkpoint (None for a release). `names`: the
     parameters this rank trains; only the saved pipeline stages holding them are read. `same_layout`:
-    the checkpoint was saved under this run's layout (TP sizes, pipeline layer lists and, with ZeRO,
-    DP size), so this rank reads only its own TP rank's and stage's optimizer files, not every
-    rank's to re-cut them."""
+    the checkpoint was saved under this run's TP sizes and pipeline stages, so this rank reads only
+    its own TP rank's and stage's optimizer files (with ZeRO, all their DP shards, re-sliced for any
+    DP size), not every TP rank's to re-cut them."""
     meta = ckpt.meta
     if meta.get("kind") != "training":
         return None
