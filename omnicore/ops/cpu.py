@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from omnicore.ops import ref
 from omnicore.ops.segments import LengthBucket, Segments
 
-__all__ = ["attention", "cached_attention", "apply_rope", "rms_norm", "swiglu"]
+__all__ = ["attention", "sdpa_attention", "cached_attention", "apply_rope", "rms_norm", "swiglu"]
 
 
 def attention(
@@ -35,31 +35,35 @@ def attention(
     """Same contract as `ref.attention`: q (N, H, D), k / v (N, Hkv, D) -> (N, H, D).
 
     On CPU tensors, SDPA's flash kernel per bucket inside one autograd node (`_PackedFlash`); on
-    other devices (the CUDA backend shares this function), SDPA per bucket through autograd.
+    other devices (the CUDA backend shares this function), `sdpa_attention`.
     """
     if q.device.type == "cpu":
         return _PackedFlash.apply(q, k, v, segments, causal, scale)
+    return sdpa_attention(q, k, v, segments, causal=causal, scale=scale)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: Segments,
+    *,
+    causal: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`attention` on any device: one SDPA call per length bucket, through autograd."""
     gqa = q.shape[1] != k.shape[1]
+
+    def sdpa(bucket: LengthBucket) -> torch.Tensor:  # (count, H, L, D)
+        views = (_bucket_view(t, bucket) for t in (q, k, v))
+        return F.scaled_dot_product_attention(*views, is_causal=causal, scale=scale, enable_gqa=gqa)
+
     if len(segments.buckets) == 1 and segments.buckets[0].index is None:
-        bucket = segments.buckets[0]
-        return _sdpa(q, k, v, bucket.count, bucket.length, causal, scale, gqa).reshape(q.shape)
+        return sdpa(segments.buckets[0]).transpose(1, 2).reshape(q.shape)
     out = q.new_empty(q.shape)
     for bucket in segments.buckets:
-        # A contiguous bucket is read through views; a scattered one is gathered (one copy per input).
-        idx = bucket.tokens if bucket.index is None else bucket.index
-        part = _sdpa(q[idx], k[idx], v[idx], bucket.count, bucket.length, causal, scale, gqa).reshape(-1, *q.shape[1:])
-        if bucket.index is None:
-            out[idx] = part
-        else:
-            out.index_copy_(0, idx, part)
+        _write(out, bucket, sdpa(bucket))
     return out
-
-
-def _sdpa(q, k, v, count, length, causal, scale, gqa):
-    # (count * L, H, D) -> (count, L, H, D) -> (count, H, L, D), a strided view, no copy.
-    q, k, v = (t.reshape(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    return o.transpose(1, 2)  # (count, L, H, D)
 
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,10 +18,11 @@ from hypothesis import strategies as st
 from op_checks import RTOL_BF16, qkv, report
 
 from omnicore import ops
-from omnicore.ops import Segments, ref
+from omnicore.ops import Segments, cpu, ref
 
-# CUDA without flash-attn is the SDPA path, which runs on CPU tensors too.
-BACKENDS = [ops.CPU, ops.CUDA]
+# CUDA without flash-attn shares the CPU backend's attention, which takes its SDPA-per-bucket path
+# (`cpu.sdpa_attention`) on non-CPU tensors: that path is checked here on CPU tensors as "sdpa".
+BACKENDS = [ops.CPU, ops.CUDA, attrs.evolve(ops.CUDA, name="sdpa", attention=cpu.sdpa_attention)]
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
 RTOL = {torch.float32: 0.0, torch.bfloat16: RTOL_BF16}
 
