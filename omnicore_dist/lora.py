@@ -30,7 +30,7 @@ from omnicore.models.thinker import tp_plans
 from omnicore.params import Params
 from omnicore_dist.config import ConfigError, RunConfig
 from omnicore_dist.mesh import Mesh
-from omnicore_dist.tp import GradRole
+from omnicore_dist.tp import GradRole, split_role
 
 __all__ = ["LoraRun", "lora_spec", "setup_lora", "continue_lora_run", "lora_grad_roles"]
 
@@ -55,13 +55,9 @@ def lora_grad_roles(cfg: ThinkerConfig, names, size: int, tower_tp: Mapping[str,
     roles = {}
     for n in names:
         e = (tower_tp or {}).get(tower_of(n)) or size
-        rule = adapter_rule(n, plans)
-        if rule is None:
-            role = GradRole(copies=e, partial=e > 1 and replicated_half(n, plans))
-        elif rule.replicate_short and rule.units and e > rule.units:
-            role = GradRole(copies=e // rule.units, blocks=rule.units)
-        else:
-            role = GradRole(copies=1)
+        role = split_role(adapter_rule(n, plans), e)
+        if replicated_half(n, plans):  # its adapter rule is None: held whole by each of the E ranks
+            role = attrs.evolve(role, partial=e > 1)
         if e < size:
             replicas = size // e
             role = attrs.evolve(role, copies=role.copies * replicas, replicas=1 if role.partial else replicas)

@@ -26,7 +26,7 @@ from omnicore.config import ThinkerConfig
 from omnicore.layout import Split, rule_for, shard, tower_of, unshard_tensors
 from omnicore.models.thinker import tp_plans
 
-__all__ = ["GradRole", "grad_roles", "shard_for_rank", "sum_replicated_kv", "sum_partial", "norm_weights", "gather_full"]
+__all__ = ["GradRole", "split_role", "grad_roles", "shard_for_rank", "sum_replicated_kv", "sum_partial", "norm_weights", "gather_full"]
 
 
 @attrs.frozen
@@ -40,7 +40,8 @@ class GradRole:
     replicas: int = 1  # hetero encoder: replicas of this piece whose partial gradients are summed
 
 
-def _role(split: Split | None, size: int) -> GradRole:
+def split_role(split: Split | None, size: int) -> GradRole:
+    """The gradient role of a tensor cut by `split` over `size` ranks (None: replicated)."""
     if split is None:
         return GradRole(copies=size)
     if split.replicate_short and split.units and size > split.units:
@@ -62,7 +63,7 @@ def grad_roles(cfg: ThinkerConfig, names, size: int, *, sequence_parallel: bool 
     roles = {}
     for n in names:
         tower_size = sizes[tower_of(n)]
-        role = _role(rule_for(n, plans[tower_of(n)]), tower_size)
+        role = split_role(rule_for(n, plans[tower_of(n)]), tower_size)
         if tower_size < size:  # hetero encoder: size / tower_size replicas of every piece
             role = attrs.evolve(role, copies=role.copies * (size // tower_size), replicas=size // tower_size)
         roles[n] = role
