@@ -76,8 +76,8 @@ class _PackedFlash(torch.autograd.Function):
 
     Through autograd, each bucket's slices of q / k / v would get their own backward nodes, each
     filling a zero tensor the size of the whole input and adding it in: three fills and adds per
-    bucket and layer. Here every bucket's gradients are
-    written once into one buffer per input; a single bucket covering all tokens is pure views.
+    bucket and layer. Here every bucket's gradients are written once into one buffer per input; a
+    single bucket covering all tokens is pure views.
     """
 
     @staticmethod
