@@ -28,6 +28,7 @@ __all__ = [
     "tower_of",
     "rule_for",
     "shard_tensor",
+    "piece_span",
     "unshard_tensors",
     "piece_ranks",
     "shard_shape",
@@ -98,12 +99,20 @@ def shard_shape(shape: Sequence[int], split: Split | None, size: int, name: str 
     return shape[: split.dim] + (shape[split.dim] // blocks,) + shape[split.dim + 1 :]
 
 
+def piece_span(split: Split, dim_size: int, rank: int, size: int, name: str = "tensor") -> tuple[int, int]:
+    """[start, stop) of rank `rank`'s piece along `split.dim` (of length `dim_size`) at TP size `size`."""
+    blocks, per_block = _blocks(split, dim_size, size, name)
+    length = dim_size // blocks
+    start = rank // per_block * length
+    return start, start + length
+
+
 def shard_tensor(t: torch.Tensor, split: Split | None, rank: int, size: int, name: str = "tensor") -> torch.Tensor:
-    """Rank `rank`'s piece of `t` (a view where possible)."""
+    """Rank `rank`'s piece of `t` (a view)."""
     if split is None:
         return t
-    blocks, per_block = _blocks(split, t.shape[split.dim], size, name)
-    return t.chunk(blocks, split.dim)[rank // per_block]
+    start, stop = piece_span(split, t.shape[split.dim], rank, size, name)
+    return t.narrow(split.dim, start, stop - start)
 
 
 def piece_ranks(split: Split | None, size: int) -> list[int]:

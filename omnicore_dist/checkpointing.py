@@ -144,10 +144,12 @@ class Resume:
 
     step: int
     data_state: Mapping
-    optimizer: Sequence[Sequence[Sequence[Mapping[str, torch.Tensor]]]] | None  # [tp rank][pp stage][ZeRO dp shard] states
+    optimizer: Mapping[int, Sequence[Sequence[Mapping[str, torch.Tensor]]]] | None  # {tp rank: [pp stage][ZeRO dp shard] states}
     rng: Mapping[str, torch.Tensor] | None
     inexact: tuple[str, ...]  # what is missing, for the warning
-    own_optimizer: bool = False  # `optimizer` is only this rank's TP rank and stage (the layout is unchanged)
+    # `optimizer` is only this rank's stage and the TP ranks holding its pieces' state (the layout is
+    # unchanged): its own and, for a hetero encoder's replica, the first replica's
+    own_optimizer: bool = False
 
 
 def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rng: bool, names: Collection[str] | None = None,
@@ -156,7 +158,7 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
     parameters this rank trains; only the saved pipeline stages holding them are read. `same_layout`:
     the checkpoint was saved under this run's TP sizes and pipeline stages, so this rank reads only
     its own TP rank's and stage's optimizer files (with ZeRO, all their DP shards, re-sliced for any
-    DP size), not every TP rank's to re-cut them."""
+    DP size), and a hetero encoder replica also its first replica's, not every TP rank's to re-cut them."""
     meta = ckpt.meta
     if meta.get("kind") != "training":
         return None
@@ -166,13 +168,13 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
         tp, pp, dp, zero = int(meta.get("tp_size", 1)), int(meta.get("pp_size", 1)), int(meta["dp_size"]), bool(meta.get("zero_sharded"))
         needed = list(range(pp)) if names is None or pp == 1 else _stages_holding(meta, names)
         own = same_layout and needed in ([], [mesh.pp_rank])  # under the saved layout a stage's states are its own
-        tp_ranks = [mesh.tp_rank] if own else list(range(tp))
-        files = [[[_rank_file("optim", t, s, d if zero else None) for d in (range(dp) if zero else [None])] for s in needed] for t in tp_ranks]
-        ckpt.verified(*(name for stages in files for shards in stages for name in shards))  # in parallel, once
-        optimizer = [[[_read_all(ckpt.path / name) for name in shards] for shards in stages] for stages in files]
+        tp_ranks = sorted({mesh.tp_rank % size for size in Layout.from_json(meta["layout"]).tp_sizes().values()}) if own else list(range(tp))
+        files = {t: [[_rank_file("optim", t, s, d if zero else None) for d in (range(dp) if zero else [None])] for s in needed] for t in tp_ranks}
+        ckpt.verified(*(name for stages in files.values() for shards in stages for name in shards))  # in parallel, once
+        optimizer = {t: [[_read_all(ckpt.path / name) for name in shards] for shards in stages] for t, stages in files.items()}
         if not needed:  # a stage with nothing to train: only the update count (the LR schedule's position)
             count = SafetensorsFile(ckpt.verified(_rank_file("optim", 0, 0, 0 if zero else None))[0]).read("step")
-            optimizer = [[[{"step": count}]] for _ in tp_ranks]
+            optimizer = {t: [[{"step": count}]] for t in tp_ranks}
     elif not load_optim:
         inexact.append("optimizer (load_optim = false)")
     rng = None

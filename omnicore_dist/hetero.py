@@ -31,7 +31,7 @@ from omnicore_dist.config import ConfigError
 from omnicore_dist.mesh import Mesh, build_encoder_groups
 from omnicore_dist.tp import GradRole
 
-__all__ = ["EncoderReplicas", "tower_tp_sizes", "check_hetero", "run_layout", "hetero_encoders", "sum_encoder_replicas",
+__all__ = ["EncoderReplicas", "tower_tp_sizes", "left_to_first_replica", "own_state", "check_hetero", "run_layout", "hetero_encoders", "sum_encoder_replicas",
            "reshard_state", "saved_sizes", "describe"]  # fmt: skip
 
 _BUCKET_ELEMENTS = 8 * 2**20  # 32 MiB of fp32 per all-reduce
@@ -161,7 +161,7 @@ def reshard_state(cfg: ThinkerConfig, plain: Sequence[Mapping[str, torch.Tensor]
     again for this run's size (rank % size); entries are "<moment>.<parameter name>" plus "step".
     `rule` gives a name's Split (default: the model's TP plan; LoRA passes its adapters' rule)."""
     if dict(saved) == dict(sizes) and len(plain) == sizes["text"]:
-        return dict(plain[rank])
+        return own_state(plain, rank, sizes)
     plans = tp_plans(cfg)
     rule = rule or (lambda name: rule_for(name, plans[tower_of(name)]))
     state = {}
@@ -173,6 +173,22 @@ def reshard_state(cfg: ThinkerConfig, plain: Sequence[Mapping[str, torch.Tensor]
         tower, split = tower_of(name), rule(name)
         full = unshard_tensors([p[key] for p in plain[: saved[tower]]], split, name)
         state[key] = shard_tensor(full, split, rank % sizes[tower], sizes[tower], name).contiguous()
+    return state
+
+
+def left_to_first_replica(rank: int, sizes: Mapping[str, int]) -> Callable[[str], bool]:
+    """Whether TP rank `rank` leaves parameter `name`'s optimizer entries out of its save: a hetero
+    encoder's replicas (ranks at or past its size E) hold the moments of rank `rank % E`, which saves them."""
+    return lambda name: rank >= sizes[tower_of(name)]
+
+
+def own_state(plain: Mapping[int, Mapping[str, torch.Tensor]] | Sequence[Mapping[str, torch.Tensor]], rank: int,
+              sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """TP rank `rank`'s optimizer state under the tower sizes it was saved with (`plain[t]`: saved TP
+    rank t's plain state): each tower's entries from rank `rank % E`, the first replica of its piece."""
+    state = {"step": plain[rank]["step"]}
+    for tower, size in sizes.items():
+        state |= {k: v for k, v in plain[rank % size].items() if k != "step" and tower_of(k.split(".", 1)[1]) == tower}
     return state
 
 

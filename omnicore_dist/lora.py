@@ -30,7 +30,7 @@ from omnicore.models.thinker import tp_plans
 from omnicore.params import Params
 from omnicore_dist.config import ConfigError, RunConfig
 from omnicore_dist.mesh import Mesh
-from omnicore_dist.tp import GradRole, split_role
+from omnicore_dist.tp import GradRole, split_role, tower_sizes
 
 __all__ = ["LoraRun", "lora_spec", "setup_lora", "continue_lora_run", "lora_grad_roles"]
 
@@ -51,10 +51,10 @@ def lora_grad_roles(cfg: ThinkerConfig, names, size: int, tower_tp: Mapping[str,
     share of the media: its adapters' gradients are also partial over the replicas. A replicated
     half, partial over its E ranks too, is summed over the whole TP group at once (E ranks x T / E
     replicas); a split half over its replicas (`replicas`, omnicore_dist.hetero)."""
-    plans = tp_plans(cfg)
+    plans, sizes = tp_plans(cfg), tower_sizes(size, tower_tp)
     roles = {}
     for n in names:
-        e = (tower_tp or {}).get(tower_of(n)) or size
+        e = sizes[tower_of(n)]
         role = split_role(adapter_rule(n, plans), e)
         if replicated_half(n, plans):  # its adapter rule is None: held whole by each of the E ranks
             role = attrs.evolve(role, partial=e > 1)
@@ -142,7 +142,7 @@ def setup_lora(cfg: RunConfig, base: Path, cfg_model: ThinkerConfig, mesh: Mesh,
     `keep` selects this pipeline stage's adapters (they are named after their layers). A hetero
     encoder's adapters are cut like its weights: piece tp_rank % E of its TP size E."""
     spec = lora_spec(cfg)
-    sizes = {tower: (tower_tp or {}).get(tower) or mesh.tp for tower in ("text", "vision", "audio")}
+    sizes = tower_sizes(mesh.tp, tower_tp)
     base_path = _path(base, cfg.model.load)
     fingerprint = _broadcast(base_fingerprint(base_path) if mesh.is_main else None, mesh)
     ckpt = None

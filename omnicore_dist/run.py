@@ -24,6 +24,7 @@ from omnicore.checkpoint.commit import META, TRACKER, read_tracker
 from omnicore.checkpoint.convert import native_to_hf, side_files
 from omnicore.checkpoint.hf import CheckpointError, load_hf
 from omnicore.checkpoint.native import NativeCheckpoint, file_plan, resolve_step
+from omnicore.checkpoint.pieces import RankPieces
 from omnicore.comm import LOCAL
 from omnicore.config import ConfigError as ModelConfigError
 from omnicore.config import ThinkerConfig, load_config
@@ -42,7 +43,17 @@ from omnicore.params import Params
 from omnicore_dist.checkpointing import SaveRequest, load_resume, save_training, set_rng_state
 from omnicore_dist.comm import TPComm
 from omnicore_dist.config import ConfigError, RunConfig, load_run_config, to_toml
-from omnicore_dist.hetero import check_hetero, describe, hetero_encoders, reshard_state, run_layout, saved_sizes, tower_tp_sizes
+from omnicore_dist.hetero import (
+    check_hetero,
+    describe,
+    hetero_encoders,
+    left_to_first_replica,
+    own_state,
+    reshard_state,
+    run_layout,
+    saved_sizes,
+    tower_tp_sizes,
+)
 from omnicore_dist.lora import continue_lora_run, lora_grad_roles, setup_lora
 from omnicore_dist.mesh import Mesh, MeshError, build_mesh, close_distributed, init_distributed, local_device
 from omnicore_dist.metrics import RunLog, StepRecord
@@ -50,7 +61,7 @@ from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero
 from omnicore_dist.pipeline import P2P, StageTimes, log_stage_times, stage_lines
 from omnicore_dist.preempt import Preemption
 from omnicore_dist.schedule import LRSchedule, lr_at
-from omnicore_dist.tp import grad_roles, norm_weights, shard_for_rank
+from omnicore_dist.tp import grad_roles, norm_weights, tower_sizes
 from omnicore_dist.train import BadStep, GradBuffer, PipelineState, TPState, part_of, pipeline_train_step, recompute_spec, train_step
 from omnicore_dist.validate import validate, validation_groups
 from omnicore_dist.watchdog import CollectiveTimeout, operation
@@ -98,18 +109,20 @@ def model_config(cfg: RunConfig, base: Path) -> ThinkerConfig:
         raise CheckpointError(f"{meta}: cannot read the model config ({err!r})") from None
 
 
-def load_model(cfg: RunConfig, base: Path, *, device: torch.device, dtype: torch.dtype, keep: Callable[[str], bool] | None = None) -> Loaded:
+def load_model(cfg: RunConfig, base: Path, *, device: torch.device, dtype: torch.dtype, keep: Callable[[str], bool] | None = None,
+               pieces: RankPieces | None = None) -> Loaded:  # fmt: skip
     """`model.load` may be an HF folder, a converted release or a training save folder; `keep`
-    (native name -> bool) reads only the parameters it accepts (one pipeline stage's)."""
+    (native name -> bool) reads only the parameters it accepts (one pipeline stage's), `pieces` only
+    one TP rank's pieces of them."""
     path = _path(base, cfg.model.load)
     if not path.exists():
         raise FileNotFoundError(f"model.load: {path} does not exist")
     if not _is_native(path):
-        model_cfg, params = load_hf(path, dtype=dtype, device=device, keep=keep)
+        model_cfg, params = load_hf(path, dtype=dtype, device=device, keep=keep, pieces=pieces)
         hf_config = json.loads((path / "config.json").read_text())
         return Loaded(model_cfg, hf_config, params, path, side_files(path), None)
     ckpt = NativeCheckpoint(path, iteration=cfg.model.iteration)
-    params = {k: v.to(device) for k, v in ckpt.params(dtype, keep).items()}
+    params = {k: v.to(device) for k, v in ckpt.params(dtype, keep, pieces).items()}
     hf_dir = cfg.checkpoint.hf_dir or ckpt.meta.get("source", {}).get("hf_dir")
     return Loaded(ckpt.cfg, ckpt.meta["hf_config"], params, _path(base, hf_dir) if hf_dir else None, ckpt.hf_files(), ckpt)
 
@@ -267,14 +280,18 @@ def _schedule(cfg: RunConfig) -> LRSchedule:
         raise ConfigError(f"train.lr_* / train.train_iters: {err}") from None
 
 
-def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
-    state = dict(optimizer.state_dict())
+def _optimizer_state(optimizer, leave_out: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The state to save, without the entries of the parameters `leave_out` names (a hetero
+    encoder's replicas: the first replica of each piece saves the moments they all hold)."""
+    state = {k: v for k, v in optimizer.state_dict().items() if k == "step" or not leave_out(k.split(".", 1)[1])}
     if isinstance(optimizer, ZeroAdamW):  # the slice bounds travel with the shard
-        state["zero_meta"] = torch.frombuffer(bytearray(json.dumps(optimizer.metadata()).encode()), dtype=torch.uint8)
+        meta = optimizer.metadata()
+        meta["params"] = {n: bounds for n, bounds in meta["params"].items() if not leave_out(n)}
+        state["zero_meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
     return state
 
 
-def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Sequence[Mapping[str, torch.Tensor]]]], cfg: ThinkerConfig, mesh: Mesh, *,
+def _load_optimizer_state(optimizer, saved: Mapping[int, Sequence[Sequence[Mapping[str, torch.Tensor]]]], cfg: ThinkerConfig, mesh: Mesh, *,
                           saved_tp: Mapping[str, int], tower_tp: Mapping[str, int], names: set[str], rule: Callable | None = None,
                           own: bool = False) -> None:  # fmt: skip
     """Load a saved optimizer state (`saved[tp rank][pipeline stage][ZeRO shard]`) into this run's
@@ -282,9 +299,13 @@ def _load_optimizer_state(optimizer, saved: Sequence[Sequence[Sequence[Mapping[s
     TP rank's state is made plain (ZeRO slicing is per parameter, so that is pure) and joined over the
     stages, states are re-split with the parameters' TP plan (they have the parameters' shapes), this
     stage's parameters (`names`) are kept, and ZeRO-sliced again for this rank when the run uses ZeRO.
-    `own`: `saved` is this rank's own TP rank and stage under an unchanged layout, used as it is."""
-    plain = [_join_stages([_plain_state(shards) for shards in stages]) for stages in saved]
-    state = plain[0] if own else reshard_state(cfg, plain, saved_tp, tower_tp, mesh.tp_rank, rule)
+    `own`: the layout is unchanged and `saved` holds only this rank's stage and the TP ranks whose
+    files hold its pieces' state (its own, and a hetero encoder's first replica), used as they are."""
+    plain = {t: _join_stages([_plain_state(shards) for shards in stages]) for t, stages in saved.items()}
+    if own:
+        state = own_state(plain, mesh.tp_rank, saved_tp)
+    else:
+        state = reshard_state(cfg, [plain[t] for t in range(len(plain))], saved_tp, tower_tp, mesh.tp_rank, rule)
     state = {k: v for k, v in state.items() if k == "step" or k.split(".", 1)[1] in names}
     if isinstance(optimizer, ZeroAdamW):
         optimizer.load_state_dict(*plain_to_zero(state, mesh.dp, mesh.dp_rank))
@@ -342,10 +363,12 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
     stage = stages[mesh.pp_rank]
     on_stage = (lambda name: stage_of(name, stages) == stage.index) if mesh.pp > 1 else None
     first_stage = mesh.pp_rank == 0
-    loaded = load_model(cfg, base, device=device, dtype=dtype, keep=on_stage)
-    if mesh.tp > 1:  # keep only this rank's pieces (the plan validates head / vocab divisibility)
-        file_plan(loaded.cfg, layout)
-        loaded = attrs.evolve(loaded, params=shard_for_rank(loaded.cfg, loaded.params, mesh.tp_rank, mesh.tp, tower_tp))
+    pieces = None  # a TP rank reads only its own pieces of the weights, never the whole model
+    if mesh.tp > 1:
+        model_cfg = model_config(cfg, base)  # of what is loaded (a restarted job's own checkpoint)
+        file_plan(model_cfg, layout)  # validates head / vocab divisibility before any weight is read
+        pieces = RankPieces.of_model(model_cfg, mesh.tp_rank, tower_sizes(mesh.tp, tower_tp))
+    loaded = load_model(cfg, base, device=device, dtype=dtype, keep=on_stage, pieces=pieces)
     stats = DataStats()
     source = val_source = None  # only the first pipeline stage reads data; later stages get it in the payloads
     build_token, failure = _build_token(mesh), None
@@ -388,6 +411,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
             print("\n".join(plan_lines(cfg, shown, mesh, set(trainable), source.load(0) if len(source) else None, decode, stages=stages)))
         return {}
     optimizer = _optimizer(cfg, trainable, mesh)  # a stage with nothing to train gets an empty one: no work
+    leave_out = left_to_first_replica(mesh.tp_rank, tower_sizes(mesh.tp, tower_tp))  # saving: a hetero encoder's moments once
     schedule = _schedule(cfg)
     recompute = recompute_spec(loaded.cfg, cfg.model.recompute)
     grads = GradBuffer(trainable)
@@ -428,7 +452,7 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         return save_training(
             SaveRequest(
                 root=run_dir, step=at, cfg=loaded.cfg, hf_config=loaded.hf_config, layout=layout, params=loaded.params,
-                optimizer=(lambda: _optimizer_state(optimizer)) if cfg.checkpoint.save_optim else None,
+                optimizer=(lambda: _optimizer_state(optimizer, leave_out)) if cfg.checkpoint.save_optim else None,
                 zero_sharded=isinstance(optimizer, ZeroAdamW), save_rng=cfg.checkpoint.save_rng,
                 data_state={"consumed_samples": consumed, "seed": cfg.data.seed}, run_config=run_config_text,
                 hf_files=loaded.hf_files, keep_last=cfg.checkpoint.keep_last,

@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 
 from omnicore.config import ThinkerConfig
-from omnicore.layout import Split, rule_for, shard, tower_of, unshard_tensors
+from omnicore.checkpoint.pieces import RankPieces
+from omnicore.layout import TOWERS, Split, rule_for, tower_of, unshard_tensors
 from omnicore.models.thinker import tp_plans
 
-__all__ = ["GradRole", "split_role", "grad_roles", "shard_for_rank", "sum_replicated_kv", "sum_partial", "norm_weights", "gather_full"]
+__all__ = ["GradRole", "split_role", "tower_sizes", "grad_roles", "shard_for_rank", "sum_replicated_kv", "sum_partial", "norm_weights", "gather_full"]
 
 
 @attrs.frozen
@@ -52,14 +53,15 @@ def split_role(split: Split | None, size: int) -> GradRole:
 _SP_PARTIAL = re.compile(r"text\.layers\.\d+\.(attn|mlp)_norm\.weight")
 
 
-def _sizes(size: int, tower_tp: Mapping[str, int] | None) -> dict[str, int]:
-    return {tower: (tower_tp or {}).get(tower) or size for tower in ("text", "vision", "audio")}
+def tower_sizes(size: int, tower_tp: Mapping[str, int] | None) -> dict[str, int]:
+    """Each tower's TP size: `tower_tp`'s (hetero parallel) or the group's `size`."""
+    return {tower: (tower_tp or {}).get(tower) or size for tower in TOWERS}
 
 
 def grad_roles(cfg: ThinkerConfig, names, size: int, *, sequence_parallel: bool = False,
                tower_tp: Mapping[str, int] | None = None) -> dict[str, GradRole]:  # fmt: skip
     plans = tp_plans(cfg)
-    sizes = _sizes(size, tower_tp)
+    sizes = tower_sizes(size, tower_tp)
     roles = {}
     for n in names:
         tower_size = sizes[tower_of(n)]
@@ -83,14 +85,8 @@ def shard_for_rank(cfg: ThinkerConfig, params: Mapping[str, torch.Tensor], rank:
                    tower_tp: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """This rank's pieces of full parameters (contiguous copies, so the full tensors can be freed);
     a tower with a smaller TP size E (`tower_tp`) gets piece rank % E."""
-    plans = tp_plans(cfg)
-    sizes = _sizes(size, tower_tp)
-    out = {}
-    for tower, plan in plans.items():
-        n = sizes[tower]
-        local = shard({k: v for k, v in params.items() if tower_of(k) == tower}, plan, rank % n, n)
-        out |= {k: v.contiguous().clone() if n > 1 else v for k, v in local.items()}
-    return {k: out[k] for k in params}
+    pieces = RankPieces.of_model(cfg, rank, tower_sizes(size, tower_tp))
+    return {k: pieces.cut(v, k) for k, v in params.items()}
 
 
 def sum_replicated_kv(grads: Mapping[str, torch.Tensor], roles: Mapping[str, GradRole], *, rank: int, group) -> None:
@@ -114,7 +110,7 @@ def gather_full(cfg: ThinkerConfig, local: Mapping[str, torch.Tensor], *, size: 
                 tower_tp: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Full tensors from every TP rank's pieces (collective; for saving and tests)."""
     plans = tp_plans(cfg)
-    sizes = _sizes(size, tower_tp)
+    sizes = tower_sizes(size, tower_tp)
     out = {}
     for name, piece in local.items():
         parts = [torch.empty_like(piece) for _ in range(size)]

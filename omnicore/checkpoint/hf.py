@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from omnicore.checkpoint.pieces import RankPieces
 from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsFormatError
 from omnicore.config import ThinkerConfig, load_config
 from omnicore.models.thinker import param_shapes
@@ -216,13 +217,14 @@ class SafetensorsFolder:
 
 
 def load_hf(
-    folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", keep: Callable[[str], bool] | None = None
-) -> tuple[ThinkerConfig, Params]:
+    folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", keep: Callable[[str], bool] | None = None,
+    pieces: RankPieces | None = None,
+) -> tuple[ThinkerConfig, Params]:  # fmt: skip
     """(config, params) of the thinker in an HF Qwen2.5-Omni folder (full model or thinker-only).
 
     Every thinker tensor is used exactly once; unknown, missing or mis-shaped tensors are an error
     listing them. `dtype` None keeps the stored dtype; `keep` (native name -> bool) reads only the
-    tensors it accepts (a pipeline stage's).
+    tensors it accepts (a pipeline stage's); `pieces` reads one TP rank's pieces instead of full tensors.
     """
     cfg = load_config(folder)
     store = SafetensorsFolder(folder)
@@ -231,6 +233,6 @@ def load_hf(
     for hf_name, native in names.items():
         if keep is not None and not keep(native):
             continue
-        t = store.get(hf_name)
+        t = store.get(hf_name) if pieces is None else pieces.read(store.file(hf_name), hf_name, native)
         params[native] = t.to(device=device, dtype=dtype or t.dtype)
     return cfg, params

@@ -27,6 +27,7 @@ import torch
 
 from omnicore.checkpoint.commit import META, TRACKER, StepWriter, read_tracker, set_aside, step_dirname
 from omnicore.checkpoint.hf import CheckpointError
+from omnicore.checkpoint.pieces import RankPieces
 from omnicore.checkpoint.safetensors_io import CHUNK_BYTES, SafetensorsFile, SafetensorsFormatError, SafetensorsWriter, sha256_file
 from omnicore.config import ThinkerConfig
 from omnicore.layout import (
@@ -394,11 +395,31 @@ class NativeCheckpoint:
                 out = torch.cat(parts, dim=1) if join else parts[0]
                 yield out if dtype is None else out.to(dtype)
 
-    def params(self, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None) -> Params:
-        """Full tensors (`keep`: only the names it accepts, e.g. one pipeline stage's)."""
+    def params(self, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None,
+               pieces: RankPieces | None = None) -> Params:  # fmt: skip
+        """Full tensors (`keep`: only the names it accepts, e.g. one pipeline stage's), or with
+        `pieces` one TP rank's pieces: a tower saved at that rank's TP size is read (and hashed) from
+        the rank's own file alone, another is cut from its full tensors, one at a time."""
         names = [n for n in self.names() if keep is None or keep(n)]
-        self.verified(*{s.name for n in names for s in self._where[n]})  # all at once, in parallel
-        return {n: self.read(n).to(dtype or self.dtype(n)) for n in names}
+        self.verified(*{s.name for n in names for s in self._sources(n, pieces)})  # all at once, in parallel
+        return {n: self._piece(n, pieces).to(dtype or self.dtype(n)) for n in names}
+
+    def _sources(self, name: str, pieces: RankPieces | None) -> list[FileSpec]:
+        """The files `name` (or the rank's piece of it) is read from."""
+        specs = self._where[name]
+        if pieces is not None and specs[0].tp == pieces.size(name) > 1:
+            return [s for s in specs if s.rank == pieces.rank % s.tp]
+        return specs
+
+    def _piece(self, name: str, pieces: RankPieces | None) -> torch.Tensor:
+        if pieces is None:
+            return self.read(name)
+        specs = self._sources(name, pieces)
+        if specs[0].tp == pieces.size(name):  # saved at this size: the rank's own file holds exactly its piece
+            return self.files[specs[0].name].read(name)
+        if specs[0].tp == 1:  # saved whole: read only the piece's bytes where it can
+            return pieces.read(self.files[specs[0].name], name)
+        return pieces.cut(self.read(name), name)
 
     def hf_files(self) -> dict[str, Path]:
         """Tokenizer / processor / config files copied from the HF source, by name (verified)."""

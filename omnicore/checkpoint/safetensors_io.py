@@ -135,6 +135,13 @@ class SafetensorsFile:
                         raise self._error(f"tensor {name!r}: file ended early (truncated)")
         return out
 
+    def read_span(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Indices [start, stop) of `name` along `dim`, contiguous and alone in memory: along dim 0
+        only those bytes are read; along another dim the whole tensor is read, then copied from."""
+        if dim == 0:
+            return self.read_rows(name, start, stop)
+        return self.read(name).narrow(dim, start, stop - start).clone(memory_format=torch.contiguous_format)
+
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `name` along dim 0 (a contiguous byte range of the file)."""
         info = self.tensors[name]
