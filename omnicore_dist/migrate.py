@@ -61,12 +61,10 @@ class Context:
 
 @attrs.define
 class Migration:
-    """The result: run-config values with their origins, planned keys, and what the user must know."""
+    """The result: run-config values with their origins, and what the user must know."""
 
     values: dict[str, tuple[Any, list[str]]] = attrs.Factory(dict)
-    planned: dict[str, tuple[Any, list[str]]] = attrs.Factory(dict)  # keys omnicore does not have yet
     mapped: list[str] = attrs.Factory(list)
-    planned_lines: list[str] = attrs.Factory(list)
     notes: dict[str, list[str]] = attrs.Factory(dict)  # kind -> "name: reason" lines
     warnings: list[str] = attrs.Factory(list)
     errors: list[str] = attrs.Factory(list)
@@ -74,8 +72,8 @@ class Migration:
     unchecked: list[str] = attrs.Factory(list)  # structural fields not checked (no config.json)
     launch: str = ""
 
-    def set(self, key: str, value: Any, origin: str, *, planned: bool = False) -> None:
-        table = self.planned if planned else self.values
+    def set(self, key: str, value: Any, origin: str) -> None:
+        table = self.values
         if key in table:
             old, origins = table[key]
             if key == "model.freeze":
@@ -87,7 +85,7 @@ class Migration:
             table[key] = (value, [*origins, origin])
         else:
             table[key] = (value, [origin])
-        (self.planned_lines if planned else self.mapped).append(f"{origin} -> {key} = {_toml(value)}")
+        self.mapped.append(f"{origin} -> {key} = {_toml(value)}")
 
     def note(self, kind: str, text: str) -> None:
         lines = self.notes.setdefault(kind, [])
@@ -107,15 +105,14 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _apply_keys(row: Row, value: Any, origin: str, m: Migration, ctx: Context) -> None:
-    """A key / planned row: its entries, path values rewritten; a bad value is an error on the row."""
+    """A key row: its entries, path values rewritten; a bad value is an error on the row."""
     try:
         entries = row.keys(value)
     except ValueError as e:
         m.errors.append(f"{origin}: {e}")
         return
-    planned = row.kind == "planned"
     for key, v in entries.items():
-        m.set(key, ctx.rel(v) if row.path and isinstance(v, str) else v, f"{origin} ({row.why})" if planned else origin, planned=planned)
+        m.set(key, ctx.rel(v) if row.path and isinstance(v, str) else v, origin)
 
 
 def _check(row: Row, value: Any, origin: str, m: Migration, hf: Mapping | None, ctx: Context) -> None:
@@ -210,7 +207,7 @@ def _apply_flags(script: Script, m: Migration, hf: Mapping | None, ctx: Context,
         if row.arity == 1 and not tokens:
             m.errors.append(f"{flag} has no value")
             continue
-        if unknown is not None and row.kind in ("key", "planned", "checked"):
+        if unknown is not None and row.kind in ("key", "checked"):
             m.errors.append(f"{origin}: {unknown.why}; the migration never runs the script: write the value out")
             continue
         texts = [t.value for t in tokens]
@@ -228,7 +225,7 @@ def _apply_flags(script: Script, m: Migration, hf: Mapping | None, ctx: Context,
             facts.mm_data = origin
         elif flag == "--load" and lora_base:
             m.set("lora.load", ctx.rel(value), f"{origin} (with --load-base-model it is the LoRA checkpoint to continue from)")
-        elif row.kind in ("key", "planned"):
+        elif row.kind == "key":
             _apply_keys(row, value, origin, m, ctx)
         elif row.kind == "checked":
             _check(row, value, origin, m, hf, ctx)
@@ -539,25 +536,14 @@ def render_toml(m: Migration, ctx: Context) -> str:
     for section, keys in schema.items():
         body = [f"{k} = {_toml(m.values[f'{section}.{k}'][0])}  # {_comment(m.values[f'{section}.{k}'][1])}"
                 for k in keys if f"{section}.{k}" in m.values]  # fmt: skip
-        body += [f"# {key.split('.', 1)[1]} = {_toml(v)}  # {_comment(o)}"
-                 for key, (v, o) in m.planned.items() if key.split(".")[0] == section]  # fmt: skip
         if body:
             lines += ["", f"[{section}]", *body]
-    new = [key for key in m.planned if key.split(".")[0] not in schema]
-    if new:
-        lines += ["", "# Planned settings, not in this build yet (kept so nothing is lost; uncomment once they exist):"]
-        for section in dict.fromkeys(key.split(".")[0] for key in new):
-            lines.append(f"# [{section}]")
-            lines += [f"# {key.split('.', 1)[1]} = {_toml(m.planned[key][0])}  # {_comment(m.planned[key][1])}"
-                      for key in new if key.startswith(section + ".")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def summary_lines(m: Migration, ctx: Context, output: str = "run.toml") -> list[str]:
     """What was mapped, checked, left out and why; warnings; errors; the launch command."""
     out = [f"mapped ({len(m.mapped)}):", *(f"  {line}" for line in m.mapped)]
-    if m.planned_lines:
-        out += [f"planned, written commented out ({len(m.planned_lines)}):", *(f"  {line}" for line in m.planned_lines)]
     out.append(f"structure: {ctx.hf_origin}")
     if m.checked:
         out.append(f"checked, in agreement ({len(m.checked)}): {', '.join(m.checked)}")

@@ -24,7 +24,6 @@ __all__ = ["KINDS", "SECTIONS", "Row", "ROWS", "lookup", "hf_value", "markdown_t
 
 KINDS = {
     "key": "sets the run-config key(s) named",
-    "planned": "a key omnicore plans but does not have yet: written commented out, listed in the summary",
     "checked": "compared with the checkpoint's config.json (or the layer lists); a contradiction is an error",
     "data": "stays in data.json, which omnicore's data pipeline reads through `data.config`",
     "via": "a shell variable: its value reaches omnicore through the flag that uses it",
@@ -43,7 +42,7 @@ class Row:
     """One recipe flag / variable / field and what the migration does with it.
 
     `parse` turns a script string into a typed value (JSON values arrive typed); `keys` turns the
-    value into run-config entries for "key" / "planned" rows (a ValueError there is reported against
+    value into run-config entries for "key" rows (a ValueError there is reported against
     the flag); `hf` reads the config.json value a "checked" row must equal. `expect` lists the values
     a not needed / ignored row takes silently (others warn) and the one value a refused row accepts.
     """

@@ -134,9 +134,6 @@ for _tower, _prefix in (("vision", "image_encoder.vision_encoder"), ("audio", "a
         f"{_prefix}.recompute_num_layers": (1, {"model.recompute": {_tower: "full"}},
                                             {"model": {f"{_prefix}.recompute_granularity": "full", f"{_prefix}.recompute_method": "uniform"}}),
     }  # fmt: skip
-PLANNED_CASES = {
-    "--sequence-parallel": (None, {"parallel.sequence_parallel": True}),
-}
 def _flat(obj: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in obj.items():
@@ -233,18 +230,6 @@ def test_eval_interval_without_validation_data_is_dropped_with_a_warning(tmp_pat
     assert config_value(loaded(tmp_path, m, ctx), "eval.interval") == 0
 
 
-@pytest.mark.parametrize("row", rows("planned"))
-def test_planned_rows_are_written_commented_out(row, tmp_path):
-    value, expected = PLANNED_CASES[row.name]
-    m, ctx = migrate(tmp_path, *recipe_with(row, value))
-    loaded(tmp_path, m, ctx)  # commented out, so the config still loads
-    text = render_toml(m, ctx)
-    for key, want in expected.items():
-        assert m.planned[key][0] == want
-        line = next(line for line in text.splitlines() if line.startswith(f"# {key.split('.', 1)[1]} = "))
-        assert row.name in line and "not in this build yet" in line
-
-
 @pytest.mark.parametrize("row", rows("checked", checked_against="config.json"))
 def test_structural_rows_agree_with_config_json_or_fail_naming_both(row, tmp_path):
     as_written = str if row.section == "flag" else lambda v: v
@@ -300,7 +285,7 @@ def test_not_needed_and_ignored_rows_say_why(row, tmp_path):
 
 
 def test_the_tests_above_cover_every_row():
-    covered = {p.values[0].name for kinds in (("key",), ("planned",), ("checked",), ("data",), ("via",), ("refused",),
+    covered = {p.values[0].name for kinds in (("key",), ("checked",), ("data",), ("via",), ("refused",),
                                               ("not needed", "ignored")) for p in rows(*kinds)}  # fmt: skip
     assert covered == {r.name for r in ROWS}
 
