@@ -37,6 +37,7 @@ from omnicore.layout import (
     Split,
     check_plan,
     piece_ranks,
+    piece_span,
     rule_for,
     shard_shape,
     shard_tensor,
@@ -295,6 +296,7 @@ class NativeCheckpoint:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{meta_file}: incomplete or malformed ({err!r})") from None
         self.specs = {s.name: s for s in file_plan(self.cfg, self.layout)}
+        self.shapes = param_shapes(self.cfg)
         self._rule = _rules(self.cfg)
         missing = sorted(set(self.specs) - set(self._recorded))
         if missing:
@@ -333,9 +335,8 @@ class NativeCheckpoint:
         if set(f.keys()) != set(spec.tensors):
             extra, lost = sorted(set(f.keys()) - set(spec.tensors)), sorted(set(spec.tensors) - set(f.keys()))
             raise CheckpointError(f"{path}: tensors differ from the layout (unexpected {extra}, missing {lost})")
-        shapes = param_shapes(self.cfg)
         for n in spec.tensors:
-            want = shard_shape(shapes[n], self._rule(n), spec.tp, n)
+            want = shard_shape(self.shapes[n], self._rule(n), spec.tp, n)
             if f.tensors[n].shape != want:
                 raise CheckpointError(f"{path}: {n} has shape {f.tensors[n].shape}, the layout needs {want}")
         return f
@@ -348,8 +349,7 @@ class NativeCheckpoint:
 
     def nbytes(self) -> int:
         """Bytes of all full (unsharded) tensors."""
-        shapes = param_shapes(self.cfg)
-        return sum(torch.Size(shapes[n]).numel() * _itemsize(self.dtype(n)) for n in self.names())
+        return sum(torch.Size(self.shapes[n]).numel() * _itemsize(self.dtype(n)) for n in self.names())
 
     def _pieces(self, name: str) -> list[SafetensorsFile]:
         """The files holding `name`, in TP-rank order."""
@@ -398,28 +398,44 @@ class NativeCheckpoint:
     def params(self, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None,
                pieces: RankPieces | None = None) -> Params:  # fmt: skip
         """Full tensors (`keep`: only the names it accepts, e.g. one pipeline stage's), or with
-        `pieces` one TP rank's pieces: a tower saved at that rank's TP size is read (and hashed) from
-        the rank's own file alone, another is cut from its full tensors, one at a time."""
+        `pieces` one TP rank's pieces, one tensor at a time: each read (and hashed) from the one saved
+        piece holding it where there is one (the rank's own file under the saved TP size), else cut
+        from the full tensor."""
         names = [n for n in self.names() if keep is None or keep(n)]
         self.verified(*{s.name for n in names for s in self._sources(n, pieces)})  # all at once, in parallel
         return {n: self._piece(n, pieces).to(dtype or self.dtype(n)) for n in names}
 
     def _sources(self, name: str, pieces: RankPieces | None) -> list[FileSpec]:
-        """The files `name` (or the rank's piece of it) is read from."""
+        """The files `name`, or the rank's piece of it, is read from: the one saved piece that holds
+        the rank's piece when there is one (always under the saved TP size, a coarser one or whole),
+        else every piece."""
         specs = self._where[name]
-        if pieces is not None and specs[0].tp == pieces.size(name) > 1:
-            return [s for s in specs if s.rank == pieces.rank % s.tp]
-        return specs
+        if pieces is None:
+            return specs
+        split, rank, size = pieces.where(name)
+        if split is None:
+            return specs[:1]
+        n = self.shapes[name][split.dim]
+        start, stop = piece_span(split, n, rank, size, name)
+        holding = [s for s in specs if _contains(piece_span(split, n, s.rank, s.tp, name), (start, stop))]
+        return holding[:1] or specs
 
     def _piece(self, name: str, pieces: RankPieces | None) -> torch.Tensor:
+        """The full tensor, or the rank's piece: from the one saved piece holding it (only its bytes
+        when it is cut along dim 0), else cut from the full tensor."""
         if pieces is None:
             return self.read(name)
         specs = self._sources(name, pieces)
-        if specs[0].tp == pieces.size(name):  # saved at this size: the rank's own file holds exactly its piece
-            return self.files[specs[0].name].read(name)
-        if specs[0].tp == 1:  # saved whole: read only the piece's bytes where it can
-            return pieces.read(self.files[specs[0].name], name)
-        return pieces.cut(self.read(name), name)
+        if len(specs) > 1:
+            return pieces.cut(self.read(name), name)
+        f, (split, rank, size) = self.files[specs[0].name], pieces.where(name)
+        if split is None:
+            return f.read(name)
+        n = self.shapes[name][split.dim]
+        (start, stop), (offset, end) = piece_span(split, n, rank, size, name), piece_span(split, n, specs[0].rank, specs[0].tp, name)
+        if (start, stop) == (offset, end):  # saved at this size: the file holds exactly the piece
+            return f.read(name)
+        return f.read_span(name, split.dim, start - offset, stop - offset)
 
     def hf_files(self) -> dict[str, Path]:
         """Tokenizer / processor / config files copied from the HF source, by name (verified)."""
@@ -427,6 +443,10 @@ class NativeCheckpoint:
         found = sorted(folder.iterdir()) if folder.is_dir() else []
         self.verified(*(f"hf/{p.name}" for p in found if self.lists(f"hf/{p.name}")))
         return {p.name: p for p in found}
+
+
+def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
+    return outer[0] <= inner[0] and inner[1] <= outer[1]
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -29,18 +29,16 @@ class RankPieces:
     def of_model(cls, cfg: ThinkerConfig, rank: int, sizes: Mapping[str, int]) -> RankPieces:
         return cls(rank, dict(sizes), tp_plans(cfg))
 
-    def size(self, name: str) -> int:
-        """The TP size of native tensor `name`'s tower."""
-        return self.sizes[tower_of(name)]
-
-    def _where(self, name: str) -> tuple[Split | None, int, int]:
-        size = self.size(name)
-        return rule_for(name, self.plans[tower_of(name)]), self.rank % size, size
+    def where(self, name: str) -> tuple[Split | None, int, int]:
+        """(split rule, piece index, TP size) of native tensor `name`."""
+        tower = tower_of(name)
+        size = self.sizes[tower]
+        return rule_for(name, self.plans[tower]), self.rank % size, size
 
     def cut(self, full: torch.Tensor, name: str) -> torch.Tensor:
         """This rank's piece of the full tensor `name`: a contiguous copy (so `full` can be freed),
         or `full` itself at TP size 1."""
-        split, rank, size = self._where(name)
+        split, rank, size = self.where(name)
         if size == 1:
             return full
         return shard_tensor(full, split, rank, size, name).clone(memory_format=torch.contiguous_format)
@@ -49,7 +47,7 @@ class RankPieces:
         """This rank's piece of the full tensor `key` stored in `f` (native name `name`, default
         `key`), equal to `cut(f.read(key))`: a piece along dim 0 reads only its own bytes."""
         name = name or key
-        split, rank, size = self._where(name)
+        split, rank, size = self.where(name)
         if split is None or size == 1:
             return f.read(key)
         return f.read_span(key, split.dim, *piece_span(split, f.tensors[key].shape[split.dim], rank, size, name))

@@ -63,19 +63,21 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
-def test_under_the_saved_sizes_a_rank_reads_only_its_own_files(full, tmp_path):
-    """Every file of TP rank 1 is damaged (same size, other bytes): rank 0 still loads, since it never
-    reads them; rank 1, or rank 0 under other TP sizes (which needs every piece), is stopped."""
+def test_a_rank_reads_only_the_saved_pieces_holding_its_own(full, tmp_path):
+    """Every file of saved TP rank 1 is damaged (same size, other bytes). Rank 0 still loads under the
+    saved sizes and under finer ones (its pieces lie inside saved piece 0), since it never reads
+    them; rank 1, or a rank wanting whole tensors, is stopped naming the file."""
     write_native(tmp_path, TINY, TINY.to_hf(), Layout(tp=2), DictSource(full))
     step = NativeCheckpoint(tmp_path).path
     for f in step.glob("*-tp01-*.safetensors"):
         _flip_a_byte(f)
-    pieces = RankPieces.of_model(TINY, 0, tower_sizes(2, None))
-    _assert_same(NativeCheckpoint(tmp_path).params(pieces=pieces), shard_for_rank(TINY, full, 0, 2))
-    with pytest.raises(CheckpointError, match=r"tp01-pp00\.safetensors: sha256 does not match"):
-        NativeCheckpoint(tmp_path).params(pieces=RankPieces.of_model(TINY, 1, tower_sizes(2, None)))
-    with pytest.raises(CheckpointError, match=r"tp01-pp00\.safetensors: sha256 does not match"):
-        NativeCheckpoint(tmp_path).params(pieces=RankPieces.of_model(TINY, 0, tower_sizes(4, None)))
+    finer = {"vision": 2, "audio": 2}
+    for size, tower_tp in ((2, None), (4, finer)):
+        pieces = RankPieces.of_model(TINY, 0, tower_sizes(size, tower_tp))
+        _assert_same(NativeCheckpoint(tmp_path).params(pieces=pieces), shard_for_rank(TINY, full, 0, size, tower_tp))
+    for rank, size in ((1, 2), (0, 1)):
+        with pytest.raises(CheckpointError, match=r"tp01-pp00\.safetensors: sha256 does not match"):
+            NativeCheckpoint(tmp_path).params(pieces=RankPieces.of_model(TINY, rank, tower_sizes(size, None)))
 
 
 @pytest.mark.parametrize("wanted", ["tp2", "tp4_vit1_audio2"])
