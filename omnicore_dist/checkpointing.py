@@ -153,12 +153,14 @@ class Resume:
 
 
 def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rng: bool, names: Collection[str] | None = None,
-                same_layout: bool = False) -> Resume | None:  # fmt: skip
+                same_layout: bool = False, draws_random: bool = True) -> Resume | None:  # fmt: skip
     """Optimizer / RNG / data position of a training checkpoint (None for a release). `names`: the
     parameters this rank trains; only the saved pipeline stages holding them are read. `same_layout`:
     the checkpoint was saved under this run's TP sizes and pipeline stages, so this rank reads only
     its own TP rank's and stage's optimizer files (with ZeRO, all their DP shards, re-sliced for any
-    DP size), and a hetero encoder replica also its first replica's, not every TP rank's to re-cut them."""
+    DP size), and a hetero encoder replica also its first replica's, not every TP rank's to re-cut them.
+    `draws_random`: whether the run's steps draw random numbers (LoRA dropout); when they do not, a
+    rank the saved layout did not have (so no RNG file) loses nothing and the resume stays exact."""
     meta = ckpt.meta
     if meta.get("kind") != "training":
         return None
@@ -181,7 +183,7 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
     rng_file = _rank_file("rng", mesh.tp_rank, mesh.pp_rank, mesh.dp_rank)
     if "rng" not in inexact and load_rng and ckpt.lists(rng_file):
         rng = _read_all(ckpt.verified(rng_file)[0])
-    elif load_rng and "rng" not in inexact:
+    elif load_rng and "rng" not in inexact and draws_random:
         inexact.append(f"rng (no state for tensor / pipeline / data-parallel rank {mesh.tp_rank} / {mesh.pp_rank} / {mesh.dp_rank})")
     data_state = json.loads(ckpt.verified("data.json")[0].read_text()) if ckpt.lists("data.json") else {}
     return Resume(step=int(meta["iteration"]), data_state=data_state, optimizer=optimizer, rng=rng, inexact=tuple(inexact),

@@ -185,6 +185,15 @@ def _shared_failure(failure: Exception | None, mesh: Mesh) -> Exception | None:
     return None if found is None else ConfigError(f"rank {found[0]} (pipeline stage 0, which reads the data) failed: {found[1]}")
 
 
+def _every_rank(items: list[str], mesh: Mesh) -> list[str]:
+    """Collective: every rank's items, each once, in rank order."""
+    if mesh.world == 1:
+        return items
+    everyone: list = [None] * mesh.world
+    dist.all_gather_object(everyone, items)
+    return list(dict.fromkeys(item for part in everyone for item in part))
+
+
 def continue_in_run_folder(cfg: RunConfig, base: Path, run_dir: Path) -> RunConfig:
     """`cfg` loading from `run_dir`'s newest checkpoint when that folder already holds one (a job
     restarted by torchrun's `--max-restarts`, or submitted again after preemption), with the original
@@ -420,7 +429,8 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
                  total_steps=cfg.train.train_iters, first_step=1, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)  # fmt: skip
     resume_from = lora.checkpoint if lora else loaded.checkpoint  # LoRA continues from its adapter checkpoint, never the base's
     resume = load_resume(resume_from, mesh, load_optim=cfg.checkpoint.load_optim, load_rng=cfg.checkpoint.load_rng, names=set(trainable),
-                         same_layout=_same_layout(resume_from.meta, layout, tower_depths(loaded.cfg))) if resume_from else None  # fmt: skip
+                         same_layout=_same_layout(resume_from.meta, layout, tower_depths(loaded.cfg)),
+                         draws_random=lora is not None and cfg.lora.dropout > 0) if resume_from else None  # fmt: skip
     if resume is not None:
         step, consumed = resume.step, int(resume.data_state.get("consumed_samples", 0))
         if resume.optimizer is not None:
@@ -429,10 +439,11 @@ def run(cfg: RunConfig, *, base: Path, samples: Sequence[Mapping] | None = None,
         if resume.rng is not None:
             set_rng_state(resume.rng)
         optimizer_from = None if resume.optimizer is None else "own files" if resume.own_optimizer else "re-cut from the saved layout"
+        inexact = _every_rank(list(resume.inexact), mesh)  # a rank the saved layout lacked may miss what rank 0 has
         log.message(f"resumed from {resume_from.path} at step {step}, {consumed} samples consumed"
                     + (f"; optimizer state: {optimizer_from}" if optimizer_from else "")
-                    + (f"; INEXACT resume, missing: {', '.join(resume.inexact)}" if resume.inexact else ""))  # fmt: skip
-        log.event("resume", step=step, path=str(resume_from.path), inexact=list(resume.inexact), optimizer=optimizer_from)
+                    + (f"; INEXACT resume, missing: {', '.join(inexact)}" if inexact else ""))  # fmt: skip
+        log.event("resume", step=step, path=str(resume_from.path), inexact=inexact, optimizer=optimizer_from)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # set by torchrun's --max-restarts
     if restarts:
         log.message(f"restart {restarts} of this job (torchrun), continuing at step {step}")

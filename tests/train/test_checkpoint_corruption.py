@@ -133,3 +133,13 @@ def test_a_truncated_file_and_a_missing_meta_are_found(step_folder, tmp_path):
     damaged = _damaged(step_folder, tmp_path / "m", "meta.json", lambda p: p.unlink())
     with pytest.raises(CheckpointError, match="meta.json"):
         NativeCheckpoint(damaged)
+
+
+def test_a_rank_the_save_lacked_misses_its_rng_state_only_when_steps_draw_random_numbers(step_folder):
+    new_rank = Mesh(world=2, rank=1, dp=2, pp=1, tp=1)  # DP rank 1: the one-process save has no RNG file for it
+    ckpt = NativeCheckpoint(step_folder)
+    assert load_resume(ckpt, MESH, load_optim=True, load_rng=True).rng is not None
+    with_dropout = load_resume(ckpt, new_rank, load_optim=True, load_rng=True)
+    assert with_dropout.rng is None and with_dropout.inexact == ("rng (no state for tensor / pipeline / data-parallel rank 0 / 0 / 1)",)
+    without = load_resume(ckpt, new_rank, load_optim=True, load_rng=True, draws_random=False)
+    assert without.rng is None and without.inexact == ()
