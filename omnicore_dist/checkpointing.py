@@ -26,7 +26,8 @@ from omnicore.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWrite
 from omnicore.config import ThinkerConfig
 from omnicore.layout import Layout, stage_of
 from omnicore.models.thinker import tower_depths
-from omnicore_dist.mesh import Mesh
+from omnicore_dist.hetero import saved_sizes
+from omnicore_dist.mesh import Mesh, gather_lists
 
 __all__ = ["SaveRequest", "save_training", "Resume", "load_resume", "rng_state", "set_rng_state", "rotate"]
 
@@ -85,7 +86,7 @@ def save_training(req: SaveRequest, mesh: Mesh) -> Path | None:
         mine.append(_write_tensors(tmp / adapter_file(mesh.tp_rank, mesh.pp_rank), {k: v.detach() for k, v in req.adapters.items()}))
     elif mesh.dp_rank == 0:  # each TP rank writes its stage's pieces of the model; DP replicas write nothing
         mine += write_rank_files(tmp, req.cfg, req.layout, req.params, mesh.tp_rank, mesh.pp_rank)
-    records = _gather(mine, mesh)
+    records = gather_lists(mine, mesh)
     out = None
     if mesh.is_main:
         step.write_text("data.json", json.dumps(dict(req.data_state), indent=2))
@@ -117,14 +118,6 @@ def _rank_file(kind: str, tp_rank: int, pp_rank: int, dp_rank: int | None) -> st
 def _barrier(mesh: Mesh) -> None:
     if mesh.world > 1:
         dist.barrier()
-
-
-def _gather(records: list, mesh: Mesh) -> list:
-    if mesh.world == 1:
-        return records
-    everyone: list = [None] * mesh.world
-    dist.all_gather_object(everyone, records)
-    return [r for rank_records in everyone for r in rank_records]
 
 
 def rotate(root: Path, keep_last: int) -> None:
@@ -170,7 +163,7 @@ def load_resume(ckpt: NativeCheckpoint, mesh: Mesh, *, load_optim: bool, load_rn
         tp, pp, dp, zero = int(meta.get("tp_size", 1)), int(meta.get("pp_size", 1)), int(meta["dp_size"]), bool(meta.get("zero_sharded"))
         needed = list(range(pp)) if names is None or pp == 1 else _stages_holding(meta, names)
         own = same_layout and needed in ([], [mesh.pp_rank])  # under the saved layout a stage's states are its own
-        tp_ranks = sorted({mesh.tp_rank % size for size in Layout.from_json(meta["layout"]).tp_sizes().values()}) if own else list(range(tp))
+        tp_ranks = sorted({mesh.tp_rank % size for size in saved_sizes(meta).values()}) if own else list(range(tp))
         files = {t: [[_rank_file("optim", t, s, d if zero else None) for d in (range(dp) if zero else [None])] for s in needed] for t in tp_ranks}
         ckpt.verified(*(name for stages in files.values() for shards in stages for name in shards))  # in parallel, once
         optimizer = {t: [[_read_all(ckpt.path / name) for name in shards] for shards in stages] for t, stages in files.items()}

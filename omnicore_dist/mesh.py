@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from omnicore_dist.env import accelerator
 
-__all__ = ["Mesh", "build_mesh", "MeshError", "init_distributed", "close_distributed", "job_store", "local_device", "EncoderGroups",
-           "build_encoder_groups"]  # fmt: skip
+__all__ = ["Mesh", "build_mesh", "MeshError", "gather_lists", "init_distributed", "close_distributed", "job_store", "local_device",
+           "EncoderGroups", "build_encoder_groups"]  # fmt: skip
 
 _JOB_STORE = None  # the rendezvous key-value store of this job (omnicore_dist.watchdog notes progress in it)
 _JOB_TIMEOUT: datetime.timedelta | None = None  # parallel.timeout_minutes, for every group (new_group's default is 30 min)
@@ -61,6 +61,15 @@ class Mesh:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def gather_lists(items: list, mesh: Mesh) -> list:
+    """Collective: every rank's `items`, concatenated in rank order."""
+    if mesh.world == 1:
+        return items
+    everyone: list = [None] * mesh.world
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
 
 
 def _check(world: int, tp: int, pp: int) -> int:

@@ -73,18 +73,17 @@ class Migration:
     launch: str = ""
 
     def set(self, key: str, value: Any, origin: str) -> None:
-        table = self.values
-        if key in table:
-            old, origins = table[key]
+        if key in self.values:
+            old, origins = self.values[key]
             if key == "model.freeze":
                 value = tuple(dict.fromkeys((*old, *value)))
             elif key == "model.recompute":
                 value = {**old, **value}
             elif not _same(old, value):
                 self.warnings.append(f"{key}: {origins[-1]} gives {old!r}, {origin} gives {value!r}; the latter wins")
-            table[key] = (value, [*origins, origin])
+            self.values[key] = (value, [*origins, origin])
         else:
-            table[key] = (value, [origin])
+            self.values[key] = (value, [origin])
         self.mapped.append(f"{origin} -> {key} = {_toml(value)}")
 
     def note(self, kind: str, text: str) -> None:

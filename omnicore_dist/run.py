@@ -55,7 +55,7 @@ from omnicore_dist.hetero import (
     tower_tp_sizes,
 )
 from omnicore_dist.lora import continue_lora_run, lora_grad_roles, setup_lora
-from omnicore_dist.mesh import Mesh, MeshError, build_mesh, close_distributed, init_distributed, local_device
+from omnicore_dist.mesh import Mesh, MeshError, build_mesh, close_distributed, gather_lists, init_distributed, local_device
 from omnicore_dist.metrics import RunLog, StepRecord
 from omnicore_dist.optim import AdamW, OptimStateError, ZeroAdamW, plain_to_zero, zero_to_plain
 from omnicore_dist.pipeline import P2P, StageTimes, log_stage_times, stage_lines
@@ -187,11 +187,7 @@ def _shared_failure(failure: Exception | None, mesh: Mesh) -> Exception | None:
 
 def _every_rank(items: list[str], mesh: Mesh) -> list[str]:
     """Collective: every rank's items, each once, in rank order."""
-    if mesh.world == 1:
-        return items
-    everyone: list = [None] * mesh.world
-    dist.all_gather_object(everyone, items)
-    return list(dict.fromkeys(item for part in everyone for item in part))
+    return list(dict.fromkeys(gather_lists(items, mesh)))
 
 
 def continue_in_run_folder(cfg: RunConfig, base: Path, run_dir: Path) -> RunConfig:
