@@ -84,7 +84,7 @@ def install(events: _Events) -> None:
 
     run_module.save_training = save_training
     before(checkpointing, "_barrier", lambda mesh: "barrier")
-    before(checkpointing, "_gather", lambda records, mesh: "gather")
+    before(checkpointing, "gather_lists", lambda records, mesh: "gather")
     before(commit.StepWriter, "__init__", lambda self, root, **kw: "stepwriter")
     before(commit.StepWriter, "write_text", lambda self, name, text: f"text {name}")
     before(commit.StepWriter, "copy_in", lambda self, source, name: f"copy {name}")

@@ -11,11 +11,12 @@ from dist_launch import launch
 _WORKER = """
 import json, sys
 from pathlib import Path
-from omnicore_dist.mesh import Mesh, init_distributed
+from omnicore_dist.mesh import Mesh, close_distributed, init_distributed
 from omnicore_dist.run import _every_rank
 rank, world = init_distributed(1.0)
 got = _every_rank([f"only rank {rank}", "every rank"] if rank else ["every rank"], Mesh(world=world, rank=rank, dp=world, pp=1, tp=1))
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(got))
+close_distributed()  # a process group left open can abort the process at exit
 """
 
 
